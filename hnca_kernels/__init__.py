@@ -1,0 +1,19 @@
+"""hnca-kernels: fast Hindsight Network Credit Assignment for discrete stochastic networks."""
+
+from . import functional
+from .backends import BackendUnavailableError, available_backends, use_backend
+from .baseline import MovingAverageBaseline
+from .layers import BernoulliLinear, CategoricalLinear
+from .sequential import StochasticSequential
+
+__all__ = [
+    "BernoulliLinear",
+    "CategoricalLinear",
+    "StochasticSequential",
+    "MovingAverageBaseline",
+    "use_backend",
+    "available_backends",
+    "BackendUnavailableError",
+    "functional",
+]
+__version__ = "0.1.0"

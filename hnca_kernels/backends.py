@@ -1,0 +1,109 @@
+"""Backend registry for the counterfactual reductions (the hot path of HNCA).
+
+Every backend module implements the same three functions with one numerical contract
+(see ``hnca_kernels.ops.reference`` for the specification):
+
+    bernoulli_log_ratio(x, weight, logits, y, lo, hi) -> d [B, in]
+    categorical_log_ratio(x, weight, logits, a, lo, hi) -> d [B, in]
+    entropy_delta(x, weight, logits, lo, hi) -> d [B, in]
+
+and ``unsupported_reason(device) -> str | None`` saying why it cannot run on a device.
+Inputs reach a backend already checked by ``hnca_kernels.functional``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "triton", "cpp", "cuda")
+
+# Fastest first, per device type, for ``backend=None``.
+_AUTO_ORDER = {
+    "cpu": ("cpp", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
+
+_default: contextvars.ContextVar[str | None] = contextvars.ContextVar("hnca_backend", default=None)
+_loaded: dict[str, ModuleType] = {}
+_load_errors: dict[str, str] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend is asked for by name but cannot run here."""
+
+
+def _load(name: str) -> ModuleType | None:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        return None
+    try:
+        module = importlib.import_module(f"hnca_kernels.ops.{name}")
+        reason = module.load_reason() if hasattr(module, "load_reason") else None
+    except Exception as exc:  # an import or build failure is a reason, not a crash
+        reason = f"{type(exc).__name__}: {exc}"
+    if reason is not None:
+        _load_errors[name] = reason
+        return None
+    _loaded[name] = module
+    return module
+
+
+def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
+    """Why backend ``name`` cannot run (on ``device`` if given), or None if it can."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
+    module = _load(name)
+    if module is None:
+        return _load_errors[name]
+    if device is not None:
+        return module.unsupported_reason(torch.device(device))
+    return None
+
+
+def is_available(name: str, device: torch.device | str | None = None) -> bool:
+    return unavailable_reason(name, device) is None
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Names of the backends that can run here (on ``device`` if given)."""
+    return [name for name in BACKENDS if is_available(name, device)]
+
+
+def get_backend(name: str | None, device: torch.device) -> ModuleType:
+    """The backend module to use for tensors on ``device``.
+
+    ``name=None`` takes the ``use_backend`` default, else the fastest available one.
+    A backend asked for by name that cannot run raises ``BackendUnavailableError``.
+    """
+    name = name if name is not None else _default.get()
+    if name is None:
+        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+            if is_available(candidate, device):
+                return _loaded[candidate]
+        name = "reference"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} is not available on {device.type}: {reason}")
+    return _loaded[name]
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Make ``name`` the default backend inside the ``with`` block (None: automatic).
+
+    >>> with hnca_kernels.use_backend("reference"):
+    ...     loss = model.surrogate_loss(reward)
+    """
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    token = _default.set(name)
+    try:
+        yield
+    finally:
+        _default.reset(token)

@@ -1,0 +1,154 @@
+"""Public functional API: the counterfactual messages and the credit of a Bernoulli unit.
+
+Inputs are checked here, once, and the reductions go to a backend (``backend=`` argument,
+else ``use_backend``'s default, else the fastest available for the tensors' device).
+Messages are returned in float32 for float16/bfloat16 inputs (they are sums over many
+children), otherwise in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .backends import get_backend
+
+__all__ = [
+    "counterfactual_log_ratio",
+    "categorical_counterfactual_log_ratio",
+    "counterfactual_entropy_delta",
+    "hnca_credit",
+    "hnca_logit_credit",
+    "bernoulli_entropy",
+]
+
+
+def _check_parent_values(parent_values: Sequence[float]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in parent_values)
+    except (TypeError, ValueError):
+        raise ValueError(f"parent_values must be a pair (lo, hi), got {parent_values!r}") from None
+    if not lo < hi:
+        raise ValueError(f"parent_values must satisfy lo < hi, got {(lo, hi)}")
+    return lo, hi
+
+
+def _check_linear_inputs(x, weight, logits, lo, hi, *, check_binary: bool = True):
+    for name, t in (("x", x), ("weight", weight), ("logits", logits)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if weight.dtype != logits.dtype or x.dtype != logits.dtype:
+        raise TypeError(
+            f"x, weight and logits must share a dtype, got {x.dtype}, {weight.dtype}, {logits.dtype}"
+        )
+    batch, in_features = x.shape
+    out_features = weight.shape[0]
+    if weight.shape[1] != in_features:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [out, {in_features}] for x of shape {tuple(x.shape)}")
+    if logits.shape != (batch, out_features):
+        raise ValueError(f"logits has shape {tuple(logits.shape)}, expected {(batch, out_features)}")
+    if check_binary and x.numel() and not ((x == lo) | (x == hi)).all():
+        raise ValueError(
+            f"x must hold only the parent values {(lo, hi)} (a layer of stochastic units); "
+            "counterfactual messages are defined for binary parents"
+        )
+
+
+def counterfactual_log_ratio(x, weight, logits, y, *, parent_values=(0.0, 1.0), backend=None):
+    """Message from a layer of Bernoulli children to its binary parents.
+
+    Args:
+        x: parent values [B, in], each lo or hi (``parent_values``).
+        weight: the child layer's weight [out, in].
+        logits: the child layer's logits ``x @ weight.T + bias`` [B, out].
+        y: the children's samples [B, out]; child j counts as fired where y > 0.
+
+    Returns:
+        d [B, in] with d[b, i] = sum_j log pi_j(y[b, j] | x[b] with x[b, i] := hi)
+        - log pi_j(y[b, j] | x[b] with x[b, i] := lo).
+
+    >>> d = counterfactual_log_ratio(h, layer.weight, logits, y, parent_values=(-1.0, 1.0))
+    """
+    lo, hi = _check_parent_values(parent_values)
+    _check_linear_inputs(x, weight, logits, lo, hi)
+    if not isinstance(y, torch.Tensor) or y.shape != logits.shape:
+        raise ValueError(f"y must be a tensor of shape {tuple(logits.shape)}, got {getattr(y, 'shape', type(y))}")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} but x is on {x.device}")
+    return get_backend(backend, x.device).bernoulli_log_ratio(x, weight, logits, y, lo, hi)
+
+
+def categorical_counterfactual_log_ratio(x, weight, logits, a, *, parent_values=(0.0, 1.0), backend=None):
+    """Message from a softmax child (K classes) that sampled class ``a`` [B] to its binary parents.
+
+    ``weight`` is [K, in] and ``logits`` [B, K]. Returns d [B, in] with
+    d[b, i] = log pi(a[b] | x_i := hi) - log pi(a[b] | x_i := lo).
+    """
+    lo, hi = _check_parent_values(parent_values)
+    _check_linear_inputs(x, weight, logits, lo, hi)
+    if not isinstance(a, torch.Tensor) or a.shape != (x.shape[0],):
+        raise ValueError(f"a must be a tensor of shape {(x.shape[0],)}, got {getattr(a, 'shape', type(a))}")
+    if a.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"a must hold class indices (int64), got {a.dtype}")
+    if a.device != x.device:
+        raise ValueError(f"a is on {a.device} but x is on {x.device}")
+    if a.numel() and (a.min() < 0 or a.max() >= logits.shape[1]):
+        raise ValueError(f"a must hold class indices in [0, {logits.shape[1]})")
+    return get_backend(backend, x.device).categorical_log_ratio(x, weight, logits, a.long(), lo, hi)
+
+
+def counterfactual_entropy_delta(x, weight, logits, *, parent_values=(0.0, 1.0), backend=None):
+    """Change of a Bernoulli child layer's total entropy when each parent is set to hi, not lo.
+
+    Returns d [B, in] with d[b, i] = sum_j H(Bernoulli(sigmoid(logit_j))) at x_i := hi minus the
+    same at x_i := lo (f-HNCA's counterfactual entropy of the next encoder layer).
+    """
+    lo, hi = _check_parent_values(parent_values)
+    _check_linear_inputs(x, weight, logits, lo, hi)
+    return get_backend(backend, x.device).entropy_delta(x, weight, logits, lo, hi)
+
+
+def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of Bernoulli(sigmoid(logits)), elementwise, finite for any logit."""
+    from .ops.reference import bernoulli_entropy as _entropy
+
+    return _entropy(logits)
+
+
+def hnca_credit(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """rho1 - rho0 = (e^d - 1) / (p e^d + 1 - p) for a Bernoulli unit firing with probability p.
+
+    ``d`` is the children's log-ratio (``counterfactual_log_ratio``). Computed without overflow
+    (only exp of -|d|) and with expm1 for small |d|. Where p saturates the credit itself can be
+    huge: the surrogate uses ``hnca_logit_credit`` instead, which stays bounded.
+    """
+    neg_abs = -d.abs()
+    e = torch.exp(neg_abs)
+    fired_more = d >= 0
+    num = torch.where(fired_more, -torch.expm1(neg_abs), torch.expm1(neg_abs))
+    den = torch.where(fired_more, p + (1 - p) * e, (1 - p) + p * e)
+    return num / den
+
+
+def hnca_logit_credit(logits: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """p(1-p)(rho1 - rho0) with p = sigmoid(logits): the HNCA learning signal per unit logit.
+
+    It equals sigmoid(logits + d) - sigmoid(logits) (posterior minus prior firing
+    probability), so |.| <= 1 for every input; computed as a product, without cancellation:
+        d >= 0:  sigmoid(-l) * sigmoid(l + d) * (1 - e^-d)
+        d <  0: -sigmoid(l) * sigmoid(-l - d) * (1 - e^d)
+    """
+    neg_abs = -d.abs()
+    shifted = logits + d
+    return torch.where(
+        d >= 0,
+        torch.sigmoid(-logits) * torch.sigmoid(shifted) * -torch.expm1(neg_abs),
+        torch.sigmoid(logits) * torch.sigmoid(-shifted) * torch.expm1(neg_abs),
+    )

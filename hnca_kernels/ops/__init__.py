@@ -1,0 +1,1 @@
+"""Backends of the counterfactual reductions; ``reference`` is the specification."""

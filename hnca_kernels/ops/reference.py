@@ -1,0 +1,70 @@
+"""Pure-torch reference of the counterfactual reductions: the specification and test oracle.
+
+It materialises the [B, in, out] tensor of counterfactual child logits, so it is simple to
+read and float64-capable but slow and memory-hungry; the fused backends compute the same
+numbers without that tensor.
+
+Notation: a parent layer x [B, in] with unit values in {lo, hi} feeds a child layer with
+``logits = x @ weight.T + bias`` [B, out]. Setting parent i to the value it does not have moves
+every child logit by ``weight[:, i] * delta[b, i]``, delta = +(hi - lo) from lo, -(hi - lo) from
+hi. Every message is "value at x_i := hi" minus "value at x_i := lo", so the term for the flip is
+multiplied by ``sign = +1`` from lo and ``-1`` from hi.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def unsupported_reason(device: torch.device) -> str | None:
+    return None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _flips(x: torch.Tensor, lo: float, hi: float):
+    """delta [B, in, 1] moving each parent to its other value, and the sign of that move."""
+    at_lo = x != hi
+    delta = torch.where(at_lo, hi - x, lo - x)
+    sign = at_lo.to(x.dtype) * 2 - 1
+    return delta.unsqueeze(-1), sign
+
+
+def _counterfactual_logits(x, weight, logits, lo, hi):
+    dt = _compute_dtype(logits.dtype)
+    x, weight, logits = x.to(dt), weight.to(dt), logits.to(dt)
+    delta, sign = _flips(x, lo, hi)
+    # [B, in, out]: child logits with parent i flipped
+    cf = logits.unsqueeze(1) + delta * weight.t().unsqueeze(0)
+    return cf, logits.unsqueeze(1), sign
+
+
+def bernoulli_log_ratio(x, weight, logits, y, lo, hi):
+    """d[b,i] = sum_j log pi_j(y[b,j] | x_i := hi) - log pi_j(y[b,j] | x_i := lo)."""
+    cf, actual, sign = _counterfactual_logits(x, weight, logits, lo, hi)
+    s = torch.where(y > 0, 1.0, -1.0).to(cf.dtype).unsqueeze(1)  # child sign, [B, 1, out]
+    terms = F.logsigmoid(s * cf) - F.logsigmoid(s * actual)
+    return sign * terms.sum(-1)
+
+
+def categorical_log_ratio(x, weight, logits, a, lo, hi):
+    """d[b,i] = log pi(a[b] | x_i := hi) - log pi(a[b] | x_i := lo) for a softmax child."""
+    cf, actual, sign = _counterfactual_logits(x, weight, logits, lo, hi)
+    idx = a.view(-1, 1, 1)
+    log_cf = F.log_softmax(cf, dim=-1).gather(-1, idx.expand(-1, cf.shape[1], 1)).squeeze(-1)
+    log_actual = F.log_softmax(actual, dim=-1).gather(-1, idx).squeeze(-1)
+    return sign * (log_cf - log_actual)
+
+
+def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of Bernoulli(sigmoid(logits)), elementwise, stable for any logit."""
+    return torch.sigmoid(logits) * F.softplus(-logits) + torch.sigmoid(-logits) * F.softplus(logits)
+
+
+def entropy_delta(x, weight, logits, lo, hi):
+    """d[b,i] = sum_j H(child j | x_i := hi) - H(child j | x_i := lo)."""
+    cf, actual, sign = _counterfactual_logits(x, weight, logits, lo, hi)
+    return sign * (bernoulli_entropy(cf) - bernoulli_entropy(actual)).sum(-1)

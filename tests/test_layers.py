@@ -1,0 +1,218 @@
+"""Layers, StochasticSequential and MovingAverageBaseline: sampling, saturation, bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hnca_kernels import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_bernoulli_samples_fire_with_sigmoid_probability(centered):
+    layer = BernoulliLinear(4, 3, centered=centered)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([-2.0, 0.0, 1.5]))
+        layer.weight.zero_()
+    x = torch.zeros(20000, 4)
+    h = layer(x)
+    lo, hi = (-1.0, 1.0) if centered else (0.0, 1.0)
+    assert set(h.unique().tolist()) <= {lo, hi}
+    rate = (h == hi).double().mean(0)
+    expected = torch.sigmoid(layer.bias.double())
+    assert ((rate - expected).abs() < 4 * (expected * (1 - expected) / 20000).sqrt()).all()
+
+
+def test_initialisation_is_glorot_uniform_with_zero_bias():
+    layer = BernoulliLinear(300, 200)
+    bound = math.sqrt(6 / 500)
+    assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.95 * bound
+    assert (layer.bias == 0).all()
+
+
+def test_categorical_samples_follow_softmax():
+    layer = CategoricalLinear(2, 3)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    a = layer(torch.zeros(30000, 2))
+    assert a.dtype == torch.int64 and a.shape == (30000,)
+    freq = torch.bincount(a, minlength=3).double() / 30000
+    assert torch.allclose(freq, torch.softmax(layer.bias.double(), 0), atol=0.01)
+
+
+def test_same_seed_same_samples():
+    net = StochasticSequential(BernoulliLinear(6, 5), CategoricalLinear(5, 4))
+    x = torch.randn(9, 6)
+    torch.manual_seed(3)
+    a1 = net(x)
+    torch.manual_seed(3)
+    assert torch.equal(net(x), a1)
+
+
+@pytest.mark.parametrize("estimator", ["hnca", "reinforce"])
+@pytest.mark.parametrize("centered", [False, True])
+def test_saturated_units_give_finite_gradients(estimator, centered):
+    torch.manual_seed(0)
+    net = StochasticSequential(
+        BernoulliLinear(20, 30, centered=centered), BernoulliLinear(30, 20, centered=centered), CategoricalLinear(20, 5)
+    )
+    with torch.no_grad():
+        for layer in net:
+            layer.weight.normal_(0, 40.0)  # logits far beyond +-100
+            layer.bias.uniform_(-100, 100)
+    x = torch.randn(64, 20)
+    a = net(x)
+    assert max(step.logits.abs().max() for step in net._trace) > 100
+    net.surrogate_loss((a == 2).float(), estimator=estimator, baseline=0.3).backward()
+    for name, p in net.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_trunk_receives_gradient_and_loss_value_is_minus_mean_reward():
+    net = StochasticSequential(nn.Linear(5, 8), nn.ReLU(), BernoulliLinear(8, 4), CategoricalLinear(4, 3))
+    a = net(torch.randn(16, 5))
+    reward = (a == 0).float()
+    loss = net.surrogate_loss(reward)
+    assert loss.item() == pytest.approx(-reward.mean().item())
+    loss.backward()
+    assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0
+
+
+def test_training_improves_reward():
+    """A small network learns a 4-class task from reward alone with either estimator."""
+    torch.manual_seed(0)
+    centers = torch.randn(4, 10) * 2
+    results = {}
+    for estimator in ("hnca", "reinforce"):
+        torch.manual_seed(1)
+        net = StochasticSequential(BernoulliLinear(10, 32, centered=True), CategoricalLinear(32, 4))
+        opt = torch.optim.Adam(net.parameters(), lr=0.01)
+        baseline = MovingAverageBaseline(0.9)
+        for _ in range(300):
+            label = torch.randint(0, 4, (64,))
+            x = centers[label] + torch.randn(64, 10) * 0.5
+            reward = (net(x) == label).float()
+            opt.zero_grad()
+            net.surrogate_loss(reward, estimator=estimator, baseline=baseline(reward)).backward()
+            opt.step()
+        label = torch.randint(0, 4, (2000,))
+        with torch.no_grad():
+            results[estimator] = (net(centers[label] + torch.randn(2000, 10) * 0.5) == label).float().mean().item()
+    assert results["hnca"] > 0.8 and results["reinforce"] > 0.5, results
+
+
+def test_moving_average_baseline_uses_earlier_batches_only():
+    b = MovingAverageBaseline(0.5)
+    assert b(torch.tensor([1.0, 1.0])).item() == 0.0
+    assert b(torch.tensor([3.0])).item() == pytest.approx(0.5)
+    assert b.value.item() == pytest.approx(1.75)
+    restored = MovingAverageBaseline(0.5)
+    restored.load_state_dict(b.state_dict())
+    assert restored.value.item() == pytest.approx(1.75)
+    with pytest.raises(ValueError, match="decay"):
+        MovingAverageBaseline(1.0)
+
+
+# ---- bad input -------------------------------------------------------------------------
+
+def _net():
+    return StochasticSequential(BernoulliLinear(4, 3), CategoricalLinear(3, 2))
+
+
+def test_surrogate_before_forward():
+    with pytest.raises(RuntimeError, match="forward pass"):
+        _net().surrogate_loss(torch.ones(2))
+
+
+def test_surrogate_after_no_grad_forward():
+    net = _net()
+    with torch.no_grad():
+        net(torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match="gradients disabled"):
+        net.surrogate_loss(torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "reward, match",
+    [
+        (torch.ones(3), r"shape \[2\]"),
+        (torch.ones(2, 1), r"shape \[2\]"),
+        (torch.tensor([1.0, float("nan")]), "non-finite"),
+        (torch.tensor([1.0, float("inf")]), "non-finite"),
+        (torch.tensor([1, 0]), "floating"),
+        ([1.0, 0.0], "tensor"),
+    ],
+    ids=["long", "2d", "nan", "inf", "int", "list"],
+)
+def test_bad_reward(reward, match):
+    net = _net()
+    net(torch.randn(2, 4))
+    with pytest.raises((ValueError, TypeError), match=match):
+        net.surrogate_loss(reward)
+
+
+def test_bad_baseline_and_estimator():
+    net = _net()
+    net(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="baseline"):
+        net.surrogate_loss(torch.ones(2), baseline=torch.ones(3))
+    with pytest.raises(ValueError, match="finite"):
+        net.surrogate_loss(torch.ones(2), baseline=float("nan"))
+    with pytest.raises(ValueError, match="unknown estimator"):
+        net.surrogate_loss(torch.ones(2), estimator="hcna")
+
+
+def test_bad_layer_input():
+    layer = BernoulliLinear(4, 3)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 4\]"):
+        layer(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="floating"):
+        layer(torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="meta"):
+        layer(torch.randn(2, 4, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "modules, match",
+    [
+        ((nn.Linear(2, 2),), "at least one"),
+        ((BernoulliLinear(2, 3), nn.ReLU(), CategoricalLinear(3, 2)), "follows a stochastic layer"),
+        ((CategoricalLinear(2, 3), BernoulliLinear(3, 2)), "only be the output"),
+        ((BernoulliLinear(2, 3), BernoulliLinear(4, 2)), "expects 4 inputs"),
+    ],
+    ids=["no_stochastic", "deterministic_after", "categorical_inside", "width_mismatch"],
+)
+def test_bad_architecture(modules, match):
+    with pytest.raises(ValueError, match=match):
+        StochasticSequential(*modules)
+
+
+def test_functional_bad_inputs():
+    from hnca_kernels import functional as Fn
+
+    x = torch.randint(0, 2, (5, 4)).double()
+    w = torch.randn(3, 4, dtype=torch.float64)
+    l = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.ones(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="only the parent values"):
+        Fn.counterfactual_log_ratio(x + 0.5, w, l, y)
+    with pytest.raises(ValueError, match="only the parent values"):
+        Fn.counterfactual_log_ratio(x, w, l, y, parent_values=(-1.0, 1.0))
+    with pytest.raises(ValueError, match="weight has shape"):
+        Fn.counterfactual_log_ratio(x, w.t(), l, y)
+    with pytest.raises(ValueError, match="logits has shape"):
+        Fn.counterfactual_log_ratio(x, w, l[:4], y)
+    with pytest.raises(ValueError, match="y must be"):
+        Fn.counterfactual_log_ratio(x, w, l, y[:, :2])
+    with pytest.raises(TypeError, match="share a dtype"):
+        Fn.counterfactual_log_ratio(x, w.float(), l, y)
+    with pytest.raises(ValueError, match="meta"):
+        Fn.counterfactual_log_ratio(x, w.to("meta"), l, y)
+    with pytest.raises(ValueError, match="lo < hi"):
+        Fn.counterfactual_log_ratio(x, w, l, y, parent_values=(1.0, 0.0))
+    with pytest.raises(ValueError, match="class indices"):
+        Fn.categorical_counterfactual_log_ratio(x, w, l, torch.full((5,), 3))
+    with pytest.raises(TypeError, match="int64"):
+        Fn.categorical_counterfactual_log_ratio(x, w, l, torch.zeros(5))
