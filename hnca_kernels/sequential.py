@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .functional import hnca_logit_credit
 from .layers import BernoulliLinear, CategoricalLinear
+from .metrics import linear_gradient_variance
 
 ESTIMATORS = ("hnca", "reinforce")
 _STOCHASTIC = (BernoulliLinear, CategoricalLinear)
@@ -67,6 +68,7 @@ class StochasticSequential(nn.Sequential):
                 )
         self._trace: list[_Step] | None = None
         self._traced_with_grad = False
+        self._logit_grads: list[torch.Tensor] | None = None
 
     @property
     def stochastic_layers(self) -> list[nn.Module]:
@@ -145,11 +147,24 @@ class StochasticSequential(nn.Sequential):
                     score = layer.score(logits, step.sample)
                 scores.append(score * signal.to(score.dtype).view(-1, *([1] * (score.dim() - 1))))
 
+        self._logit_grads = scores
         surrogate = sum((step.logits * score).sum() for step, score in zip(trace, scores))
         surrogate = surrogate / signal.shape[0]
         mean_reward = reward.detach().to(surrogate.dtype).mean()
         # value -mean(R), gradient -(surrogate's gradient)
         return (surrogate.detach() - surrogate) - mean_reward
+
+    def gradient_variance(self) -> float:
+        """Mean over the stochastic layers' parameters of the per-parameter variance, over the
+        examples of the last ``surrogate_loss``'s batch, of the per-example gradient estimate
+        (the paper's "mean gradient variance"; a deterministic trunk is not included)."""
+        if self._logit_grads is None:
+            raise RuntimeError("gradient_variance needs a surrogate_loss call first")
+        total, count = 0.0, 0
+        for layer, step, grads in zip(self.stochastic_layers, self._trace, self._logit_grads):
+            layer_total, layer_count = linear_gradient_variance(step.inputs, grads, bias=layer.bias is not None)
+            total, count = total + layer_total, count + layer_count
+        return float(total) / count
 
     @staticmethod
     def _learning_signal(reward, baseline, output_logits):

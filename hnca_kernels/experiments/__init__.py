@@ -1,0 +1,1 @@
+"""Command-line experiments (``hnca bandit``, ``hnca vae``, ``hnca plot``) and their helpers."""
