@@ -106,7 +106,8 @@ if triton is not None:
         spent = 0.0  # sum of the open chunk's bounds: |log prod| <= spent <= LIMIT
         for j in range(OUT):
             l = tl.load(l_ptr + rows * OUT + j, mask=row_ok, other=0.0).to(acc_t)
-            fired = tl.load(y_ptr + rows * OUT + j, mask=row_ok, other=0) > 0
+            # (converted before comparing: the interpreter holds bfloat16 as raw uint16 bits)
+            fired = tl.load(y_ptr + rows * OUT + j, mask=row_ok, other=0).to(acc_t) > 0
             sl = tl.where(fired, l, -l)
             bound = tl.load(bound_ptr + j)
             if bound > LIMIT:
@@ -179,7 +180,7 @@ if triton is not None:
     def _bernoulli_linear_kernel(
         x_ptr, w_ptr, b_ptr, logits_ptr, sample_ptr, seed,
         B, IN, OUT, lo, hi,
-        HAS_BIAS: tl.constexpr, ACC_T: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACC_T: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -192,6 +193,8 @@ if triton is not None:
             k_ok = ks < IN
             xt = tl.load(x_ptr + rows[:, None] * IN + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             wt = tl.load(w_ptr + outs[None, :] * IN + ks[:, None], mask=k_ok[:, None] & out_ok[None, :], other=0.0)
+            if UPCAST:
+                xt, wt = xt.to(tl.float32), wt.to(tl.float32)
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + outs, mask=out_ok, other=0.0).to(ACC_T)[None, :]
@@ -310,6 +313,8 @@ def _launch_bernoulli_linear(x, weight, bias, lo, hi, seed):
         _bernoulli_linear_kernel[_grid(B, n_out, bb, bo)](
             x, weight, bias if bias is not None else x, logits, sample, seed, B, n_in, n_out, lo, hi,
             HAS_BIAS=bias is not None, ACC_T=acc_t, PRECISION=precision,
+            # the interpreter (triton 3.9) multiplies bfloat16 blocks as their raw uint16 bits
+            UPCAST=_INTERPRETED and x.dtype == torch.bfloat16,
             BLOCK_B=bb, BLOCK_O=bo, BLOCK_K=bk,
         )
     return logits, sample
