@@ -8,6 +8,8 @@ Every backend module implements the same three functions with one numerical cont
     entropy_delta(x, weight, logits, lo, hi) -> d [B, in]
 
 and ``unsupported_reason(device) -> str | None`` saying why it cannot run on a device.
+A backend may also offer ``bernoulli_linear(x, weight, bias, lo, hi) -> (logits, sample)``, a
+fused forward that ``BernoulliLinear`` then uses (the triton backend does).
 Inputs reach a backend already checked by ``hnca_kernels.functional``.
 """
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional
+from .backends import get_backend
 
 
 def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
@@ -52,8 +53,13 @@ class _StochasticLinear(nn.Module):
         _check_input(self, x)
         return F.linear(x, self.weight, self.bias)
 
+    def logits_and_sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits (with autograd history) and a sample drawn from them."""
+        logits = self.logits(x)
+        return logits, self.sample(logits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.sample(self.logits(x))
+        return self.logits_and_sample(x)[1]
 
     def _message_weight(self, logits: torch.Tensor) -> torch.Tensor:
         # Under autocast the logits can be in a lower precision than the weight.
@@ -79,6 +85,20 @@ class BernoulliLinear(_StochasticLinear):
     def values(self) -> tuple[float, float]:
         """(lo, hi): the unit's value when silent and when firing."""
         return (-1.0, 1.0) if self.centered else (0.0, 1.0)
+
+    def logits_and_sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and a sample; one fused kernel when the backend offers it (triton).
+
+        The backend is ``use_backend``'s default, else the fastest for ``x``'s device. Under
+        autocast, or for inputs whose dtype differs from the weight's, the unfused path runs.
+        """
+        _check_input(self, x)
+        fused = getattr(get_backend(None, x.device), "bernoulli_linear", None)
+        if fused is None or x.dtype != self.weight.dtype or torch.is_autocast_enabled(x.device.type):
+            return super().logits_and_sample(x)
+        logits, sample = fused(x.reshape(-1, self.in_features), self.weight, self.bias, *self.values)
+        shape = (*x.shape[:-1], self.out_features)
+        return logits.view(shape), sample.view(shape)
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         lo, hi = self.values

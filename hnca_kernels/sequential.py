@@ -91,8 +91,11 @@ class StochasticSequential(nn.Sequential):
             raise ValueError(f"samples must hold one tensor per stochastic layer ({len(stochastic)}), got {len(samples)}")
         trace = []
         for k, layer in enumerate(stochastic):
-            logits = layer.logits(h)
-            sample = layer.sample(logits) if samples is None else self._replayed(layer, logits, samples[k], k)
+            if samples is None:
+                logits, sample = layer.logits_and_sample(h)
+            else:
+                logits = layer.logits(h)
+                sample = self._replayed(layer, logits, samples[k], k)
             trace.append(_Step(h, logits, sample))
             h = sample
         self._trace = trace

@@ -1,0 +1,227 @@
+"""The Triton backend against the reference: reductions on awkward shapes, and the fused forward.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py), so the shapes stay
+small; the same tests run compiled on CUDA.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+import hnca_kernels  # noqa: E402
+from hnca_kernels import BernoulliLinear, CategoricalLinear, StochasticSequential  # noqa: E402
+from hnca_kernels import functional as Fn  # noqa: E402
+from hnca_kernels.backends import unavailable_reason  # noqa: E402
+from hnca_kernels.ops import reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if unavailable_reason("triton", DEVICE) is not None:
+    pytest.skip(f"triton backend unavailable: {unavailable_reason('triton', DEVICE)}", allow_module_level=True)
+
+from hnca_kernels.ops import triton as T  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+CODINGS = {"01": (0.0, 1.0), "pm1": (-1.0, 1.0)}
+SHAPES = [(7, 33, 130), (1, 257, 7), (33, 7, 1), (130, 1, 33)]  # (B, in, out)
+# (input dtype, dtype of the reference computation, tolerance on |ref - fast| / |ref|)
+DTYPES = {
+    "f64": (torch.float64, torch.float64, 1e-10),
+    "f32": (torch.float32, torch.float64, 2e-5),
+    "bf16": (torch.bfloat16, torch.float32, 1e-4),
+    "f16": (torch.float16, torch.float32, 1e-4),
+}
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    """torch.empty returns NaN-filled memory, so an output tail a kernel leaves unwritten fails."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def rel_err(ref, out):
+    return ((ref - out.to(ref)).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_layer(B, n_in, n_out, coding, dtype, seed=0):
+    """Binary parents, weights up to |10|, child logits anywhere in [-60, 60].
+
+    (The reductions take any logits; drawing them apart from x @ W.T keeps a mix of saturated
+    and undecided children in every shape, so no case has only negligible messages.)"""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = CODINGS[coding]
+    x = torch.where(torch.rand(B, n_in, generator=g) < 0.5, lo, hi)
+    weight = (torch.randn(n_out, n_in, generator=g) * 4).clamp(-10, 10)
+    weight[0, 0] = 10.0
+    logits = (torch.rand(B, n_out, generator=g) * 2 - 1) * 60
+    logits[0, 0] = -60.0
+    return x.to(dtype), weight.to(dtype), logits.to(dtype), (lo, hi), g
+
+
+def check(name, args, pv, dtype_id):
+    dtype, ref_dtype, tol = DTYPES[dtype_id]
+    args = [a.to(DEVICE) for a in args]
+    out = getattr(Fn, name)(*args, parent_values=pv, backend="triton")
+    assert out.dtype == torch.promote_types(dtype, torch.float32) and out.shape == args[0].shape
+    assert not out.isnan().any()
+    ref_args = [a.to(ref_dtype) if a.is_floating_point() else a for a in args]
+    ref = getattr(Fn, name)(*ref_args, parent_values=pv, backend="reference")
+    assert rel_err(ref, out) < tol
+
+
+shape_ids = ["x".join(map(str, s)) for s in SHAPES]
+
+
+@pytest.mark.parametrize("dtype_id", DTYPES)
+@pytest.mark.parametrize("coding", CODINGS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_ids)
+def test_bernoulli_log_ratio(shape, coding, dtype_id):
+    x, weight, logits, pv, g = make_layer(*shape, coding, DTYPES[dtype_id][0])
+    y = torch.where(torch.rand(logits.shape, generator=g) < torch.sigmoid(logits.float()), pv[1], pv[0])
+    check("counterfactual_log_ratio", (x, weight, logits, y.to(x.dtype)), pv, dtype_id)
+
+
+@pytest.mark.parametrize("dtype_id", DTYPES)
+@pytest.mark.parametrize("coding", CODINGS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_ids)
+def test_categorical_log_ratio(shape, coding, dtype_id):
+    x, weight, logits, pv, g = make_layer(*shape, coding, DTYPES[dtype_id][0])
+    a = torch.multinomial(torch.softmax(logits.double(), -1), 1, generator=g).squeeze(1)
+    check("categorical_counterfactual_log_ratio", (x, weight, logits, a), pv, dtype_id)
+
+
+@pytest.mark.parametrize("dtype_id", DTYPES)
+@pytest.mark.parametrize("coding", CODINGS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_ids)
+def test_entropy_delta(shape, coding, dtype_id):
+    x, weight, logits, pv, _ = make_layer(*shape, coding, DTYPES[dtype_id][0])
+    check("counterfactual_entropy_delta", (x, weight, logits), pv, dtype_id)
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+def test_bernoulli_log_ratio_beyond_the_tables(coding):
+    """Weights whose tables overflow and logits far past saturation: the per-element path."""
+    x, weight, logits, pv, g = make_layer(9, 20, 12, coding, torch.float32)
+    weight[:3] *= 30.0  # |w*W| up to 600: exp overflows float32
+    logits[:, 5] = 200.0 * torch.sign(logits[:, 5])  # sigmoid(-200) = 0 in float32
+    y = torch.where(torch.rand(logits.shape, generator=g) < 0.5, pv[1], pv[0])
+    check("counterfactual_log_ratio", (x, weight, logits, y), pv, "f32")
+
+
+def test_chunks_close_before_the_product_overflows():
+    """Many children each near the chunk limit: a single running product would overflow."""
+    x, weight, logits, pv, g = make_layer(5, 9, 64, "pm1", torch.float32)
+    weight = torch.full_like(weight, 9.5) * torch.where(torch.rand(weight.shape, generator=g) < 0.9, 1.0, -1.0)
+    logits = torch.where(x @ weight.t() > 0, -1.0, 1.0) * 0.5  # each child misfits: r near exp(+19)
+    y = torch.where(logits > 0, 1.0, -1.0)
+    check("counterfactual_log_ratio", (x, weight, logits, y), pv, "f32")
+
+
+def test_bernoulli_log_ratio_negligible_messages_have_small_absolute_error():
+    """Every child saturated and agreeing with its sample: all messages are below float32's
+    resolution relative to 1. The product of factors 1 + tiny rounds them to 0, so here the
+    kernel is accurate in absolute terms only (unlike the reference's logsigmoid differences)."""
+    x, weight, _, pv, g = make_layer(33, 7, 3, "01", torch.float32)
+    logits = torch.full((33, 3), -60.0)
+    y = torch.zeros(33, 3)
+    out = Fn.counterfactual_log_ratio(x.to(DEVICE), weight.to(DEVICE), logits.to(DEVICE), y.to(DEVICE), backend="triton")
+    ref = Fn.counterfactual_log_ratio(x.double(), weight.double(), logits.double(), y.double(), backend="reference")
+    assert ref.abs().max() < 1e-6
+    assert (out.cpu().double() - ref).abs().max() < 3 * 2**-23
+
+
+def test_unsupported_reason():
+    assert T.unsupported_reason(torch.device("cuda")) is None
+    assert "CUDA" in T.unsupported_reason(torch.device("meta"))
+    assert hnca_kernels.available_backends("cpu" if DEVICE == "cpu" else "cuda").count("triton") == 1
+
+
+# ---- fused BernoulliLinear forward -------------------------------------------------------
+
+@triton.jit
+def _uniforms_kernel(out_ptr, seed, N, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, tl.rand(seed, offsets), mask=offsets < N)
+
+
+def replayed_uniforms(seed, shape):
+    """The uniform numbers behind a fused sample: tl.rand(seed, b * out + j)."""
+    out = torch.empty(shape, dtype=torch.float32, device=DEVICE)
+    _uniforms_kernel[(triton.cdiv(out.numel(), 256),)](out, seed, out.numel(), BLOCK=256)
+    return out
+
+
+LINEAR_SHAPES = [(7, 33, 5), (33, 1, 17), (1, 130, 40)]  # (B, in, out)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_forward_logits_sample_and_grad(shape, dtype, bias):
+    B, n_in, n_out = shape
+    x = torch.randn(B, n_in, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(n_out, n_in, device=DEVICE, dtype=dtype) / n_in**0.5).requires_grad_()
+    b = torch.randn(n_out, device=DEVICE, dtype=dtype, requires_grad=True) if bias else None
+    logits, sample = T.bernoulli_linear(x, weight, b, -1.0, 1.0, seed=1234)
+    expected = F.linear(x, weight, b)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert logits.dtype == dtype and rel_err(expected.detach().float(), logits.detach().float()) < tol
+    # the sample is exactly the replayed uniforms against sigmoid of the stored logits
+    fired = replayed_uniforms(1234, (B, n_out)) < torch.sigmoid(logits.detach().float())
+    assert sample.dtype == dtype and torch.equal(sample, torch.where(fired, 1.0, -1.0).to(dtype))
+    assert not sample.requires_grad
+    # the logits' gradient is F.linear's
+    g = torch.randn_like(logits)
+    params = [x, weight] + ([b] if bias else [])
+    ours = torch.autograd.grad(logits, params, g)
+    theirs = torch.autograd.grad(expected, params, g)
+    for a, e in zip(ours, theirs):
+        assert rel_err(e.float(), a.float()) < tol
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_fused_layer_fires_with_sigmoid_probability(centered):
+    layer = BernoulliLinear(3, 4, centered=centered).to(DEVICE)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.copy_(torch.tensor([-2.0, 0.0, 1.5, 30.0]))
+    n = 4000
+    with hnca_kernels.use_backend("triton"):
+        h = layer(torch.zeros(n, 3, device=DEVICE))
+    lo, hi = layer.values
+    assert set(h.unique().tolist()) <= {lo, hi}
+    rate = (h == hi).double().mean(0).cpu()
+    p = torch.sigmoid(layer.bias.detach().double().cpu())
+    assert ((rate - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-12).all()
+
+
+def test_fused_sequential_is_reproducible_and_trains():
+    net = StochasticSequential(BernoulliLinear(6, 17, centered=True), BernoulliLinear(17, 9), CategoricalLinear(9, 4))
+    net = net.to(DEVICE)
+    x = torch.randn(11, 6, device=DEVICE)
+    with hnca_kernels.use_backend("triton"):
+        torch.manual_seed(3)
+        a1 = net(x)
+        first = [step.sample for step in net._trace]
+        torch.manual_seed(3)
+        a2 = net(x)
+        assert torch.equal(a1, a2)
+        assert all(torch.equal(s, t.sample) for s, t in zip(first, net._trace))
+        # the logits carry autograd history, so the estimator's surrogate reaches every weight
+        net.surrogate_loss((a2 == 1).float(), baseline=0.25).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # the fused path ran (its draws differ from the reference path's torch.rand draws)
+    torch.manual_seed(3)
+    with hnca_kernels.use_backend("reference"):
+        net(x)
+    assert any(not torch.equal(s, t.sample) for s, t in zip(first, net._trace))
