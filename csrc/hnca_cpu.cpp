@@ -1,0 +1,408 @@
+// CPU kernels of the counterfactual reductions, registered as torch ops hnca::*.
+//
+// The reference (hnca_kernels/ops/reference.py) evaluates two log-sigmoids per (b, i, j). The
+// Bernoulli message here uses MATH.md section 1: with v = sigmoid(-s*l) per (example, child) and
+// the tables expm1(+w*W), expm1(-w*W) computed once per call, each term is -log(1 + delta) with
+// delta = v * (A - 1), A - 1 read from one of the two tables. The factors 1 + delta of a chunk of
+// children are multiplied as q = prod - 1 (q <- q + delta + q*delta), and one vector log1p(q) per
+// chunk replaces a log per term. Keeping q rather than the product keeps messages near 0 exact to
+// relative rounding (saturated children send tiny terms), but its error grows as 1/prod; a chunk
+// is therefore cut where the summed bound sum_j w*max_i|W[j, i]| would pass kChunkRange, so every
+// partial product lies in [e^-4, e^4]. A child with w*max|W| > kChunkRange alone ("wide") is
+// summed per term in the log domain: -logaddexp(log u, log v + log A), exact for any weight.
+//
+// Layout: a tile is kRows examples x one block of kVecs vectors of parents; the loop over
+// children is innermost and every accumulator stays in a register. The tables are stored block
+// by block, [block][child][+/-][parent in block], so a tile streams one contiguous stretch that
+// stays in L2 while all examples pass over it (rows of a power-of-two stride did not: they fell
+// into a few cache sets and ran 8x slower).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <vector>
+
+namespace hnca {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int kRows = 4;  // examples per tile
+constexpr int kVecs = 2;  // vectors of parents per tile
+
+at::ScalarType compute_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// HNCA_POISON_OUTPUTS=1 fills outputs with NaN before the kernel runs (tests: unwritten
+// memory cannot pass).
+at::Tensor new_output(const at::Tensor& x, at::ScalarType dtype) {
+  auto out = at::empty(x.sizes(), x.options().dtype(dtype));
+  const char* poison = std::getenv("HNCA_POISON_OUTPUTS");
+  if (poison != nullptr && poison[0] == '1') {
+    out.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return out;
+}
+
+void check_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& logits) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && logits.device().is_cpu(),
+              "hnca CPU kernel got a tensor on another device");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && logits.dim() == 2, "hnca: x, weight, logits must be 2-D");
+  TORCH_CHECK(weight.size(1) == x.size(1) && logits.size(0) == x.size(0) && logits.size(1) == weight.size(0),
+              "hnca: shapes of x [B, in], weight [out, in], logits [B, out] do not match");
+}
+
+// Parallel loop over tiles (block of parents, group of examples), block-major so that a thread
+// keeps one block of the tables in cache while it walks the examples.
+template <typename F>
+void for_each_tile(int64_t batch, int64_t in, int64_t block, F tile) {
+  const int64_t blocks = (in + block - 1) / block;
+  const int64_t groups = (batch + kRows - 1) / kRows;
+  at::parallel_for(0, blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b0 = (t % groups) * kRows;
+      tile(b0, std::min<int64_t>(kRows, batch - b0), (t / groups) * block);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bernoulli children.
+
+// NOTE: 4 keeps the q-form's error amplification below e^4 = 55 ulp per step while chunks of
+// Glorot-initialised 1024-wide layers still hold ~37 children (one log1p per 37 terms).
+constexpr double kChunkRange = 4.0;
+
+struct Chunk {
+  int64_t end;  // children [previous end, end)
+  bool wide;    // a single child summed in the log domain
+};
+
+// Cut the children into chunks by the bound r_j = w*max_i|W[j, i]| of each child's factors.
+std::vector<Chunk> plan_chunks(const at::Tensor& weight, double w) {
+  const auto bound = (weight.abs().amax(1) * w).to(at::kDouble).contiguous();
+  const double* r = bound.data_ptr<double>();
+  const int64_t out = bound.numel();
+  std::vector<Chunk> chunks;
+  int64_t begin = 0;  // the open chunk of narrow children is [begin, j)
+  double used = 0.0;
+  auto close = [&](int64_t j) {
+    if (j > begin) chunks.push_back({j, false});
+    begin = j;
+    used = 0.0;
+  };
+  for (int64_t j = 0; j < out; ++j) {
+    if (!(r[j] <= kChunkRange)) {  // wide (or NaN): alone, in the log domain
+      close(j);
+      chunks.push_back({j + 1, true});
+      begin = j + 1;
+    } else {
+      if (used + r[j] > kChunkRange) close(j);
+      used += r[j];
+    }
+  }
+  close(out);
+  return chunks;
+}
+
+template <typename T>
+struct BernoulliArgs {
+  const T* x;          // [B, in]
+  const T* tables;     // [blocks, out, 2, block]: expm1(+w*W), expm1(-w*W), padded with 0
+  const T* w_weight;   // [blocks, out, block]: w*W (wide children only)
+  const T* v;          // [B, out] sigmoid(-s*l)
+  const T* log_u;      // [B, out] log sigmoid(s*l) (wide children only)
+  const T* log_v;      // [B, out] log sigmoid(-s*l) (wide children only)
+  const bool* fired;   // [B, out]
+  const Chunk* chunks;
+  int64_t num_chunks, in, out;
+  T hi;
+  T* d;                // [B, in]
+};
+
+// One tile: ROWS examples from b0, kVecs vectors of parents from i0.
+template <typename T, int ROWS>
+void bernoulli_tile(const BernoulliArgs<T>& p, int64_t b0, int64_t i0) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
+  constexpr int64_t block = kVecs * L;
+  const T* tables = p.tables + (i0 / block) * p.out * 2 * block;
+  int64_t count[kVecs];
+  Vec is_hi[ROWS][kVecs], q[ROWS][kVecs], logsum[ROWS][kVecs];
+  for (int k = 0; k < kVecs; ++k) {
+    count[k] = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int k = 0; k < kVecs; ++k) {
+      // lanes past the row's end read 0: their tables are 0 (a factor of 1), and are not stored
+      is_hi[r][k] = Vec::loadu(p.x + (b0 + r) * p.in + i0 + k * L, count[k]) == Vec(p.hi);
+      q[r][k] = Vec(T(0));
+      logsum[r][k] = Vec(T(0));
+    }
+  }
+  int64_t j = 0;
+  for (int64_t c = 0; c < p.num_chunks; ++c) {
+    const Chunk chunk = p.chunks[c];
+    if (chunk.wide) {
+      // log(u + v*A) = logaddexp(log u, log v + c), c = log A = +-w*W[j, i]
+      const T* row = p.w_weight + ((i0 / block) * p.out + j) * block;
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t bj = (b0 + r) * p.out + j;
+        const Vec lu(p.log_u[bj]), lv(p.log_v[bj]);
+        for (int k = 0; k < kVecs; ++k) {
+          const Vec ww = Vec::loadu(row + k * L);
+          const Vec log_a = p.fired[bj] ? Vec::blendv(ww.neg(), ww, is_hi[r][k])
+                                        : Vec::blendv(ww, ww.neg(), is_hi[r][k]);
+          const Vec other = lv + log_a;
+          const Vec top = at::vec::maximum(lu, other);
+          logsum[r][k] = logsum[r][k] + top + (lu - other).abs().neg().exp().log1p();
+        }
+      }
+      j = chunk.end;
+      continue;
+    }
+    for (; j < chunk.end; ++j) {
+      const T* row = tables + j * 2 * block;  // expm1(+wW), then expm1(-wW)
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t bj = (b0 + r) * p.out + j;
+        // A = exp(-s*W*Delta) is exp(+wW) where the parent's value and the child's firing agree
+        // (arithmetic, not a branch: the firing is random)
+        const int64_t fired = p.fired[bj];
+        const T* a_hi = row + (1 - fired) * block;
+        const T* a_lo = row + fired * block;
+        const Vec v(p.v[bj]);
+        for (int k = 0; k < kVecs; ++k) {
+          const Vec delta = v * Vec::blendv(Vec::loadu(a_lo + k * L), Vec::loadu(a_hi + k * L), is_hi[r][k]);
+          q[r][k] = at::vec::fmadd(q[r][k], delta, q[r][k] + delta);
+        }
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      for (int k = 0; k < kVecs; ++k) {
+        logsum[r][k] = logsum[r][k] + q[r][k].log1p();
+        q[r][k] = Vec(T(0));
+      }
+    }
+  }
+  // d = sign * sum_j -log(factor), sign = +1 from lo and -1 from hi
+  for (int r = 0; r < ROWS; ++r) {
+    for (int k = 0; k < kVecs; ++k) {
+      if (count[k] > 0) {
+        const Vec d = Vec::blendv(logsum[r][k].neg(), logsum[r][k], is_hi[r][k]);
+        d.store(p.d + (b0 + r) * p.in + i0 + k * L, count[k]);
+      }
+    }
+  }
+}
+
+at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
+                               const at::Tensor& y, double lo, double hi) {
+  check_cpu(x_in, weight_in, logits_in);
+  const auto dtype = compute_type(logits_in);
+  const auto x = x_in.to(dtype).contiguous();
+  const auto weight = weight_in.to(dtype).contiguous();
+  const auto logits = logits_in.to(dtype).contiguous();
+  const auto fired = (y > 0).contiguous();
+  const auto sl = at::where(fired, logits, -logits);  // s*l
+  auto d = new_output(x, dtype);
+  const int64_t batch = x.size(0), in = x.size(1), out = weight.size(0);
+  if (d.numel() == 0) {
+    return d;
+  }
+  const double w = hi - lo;
+  const auto chunks = plan_chunks(weight, w);
+  const bool any_wide = std::any_of(chunks.begin(), chunks.end(), [](const Chunk& c) { return c.wide; });
+  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_bernoulli_log_ratio", [&] {
+    using T = scalar_t;
+    const int64_t block = kVecs * Vectorized<T>::size();
+    const int64_t blocks = (in + block - 1) / block;
+    // [out, in] -> [blocks, out, block], padded with 0 (a factor of 1, a term of 0)
+    auto blocked = [&](const at::Tensor& t) {
+      return at::constant_pad_nd(t, {0, blocks * block - in}, 0.0).view({out, blocks, block}).permute({1, 0, 2});
+    };
+    const auto tables = at::stack({blocked(at::expm1(weight * w)), blocked(at::expm1(weight * -w))}, 2).contiguous();
+    const auto v = at::sigmoid(-sl).contiguous();
+    at::Tensor w_weight, log_u, log_v;
+    if (any_wide) {
+      w_weight = blocked(weight * w).contiguous();
+      log_u = at::log_sigmoid(sl).contiguous();
+      log_v = at::log_sigmoid(-sl).contiguous();
+    }
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    const BernoulliArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), ptr(w_weight), v.data_ptr<T>(), ptr(log_u),
+                             ptr(log_v), fired.data_ptr<bool>(), chunks.data(), static_cast<int64_t>(chunks.size()),
+                             in, out, T(hi), d.data_ptr<T>()};
+    for_each_tile(batch, in, block, [&](int64_t b0, int64_t rows, int64_t i0) {
+      if (rows == kRows) {
+        bernoulli_tile<T, kRows>(p, b0, i0);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) bernoulli_tile<T, 1>(p, b0 + r, i0);
+      }
+    });
+  });
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax child: d = sign * (Delta*W[a, i] - logsumexp_k(logpi[b, k] + Delta*W[k, i])), exact for
+// any W (max-shifted), one vector of parents at a time; K is small and W's K rows stay in L1.
+
+template <typename T>
+void categorical_rows(const T* x, const T* weight, const T* log_pi, const int64_t* a, T* d,
+                      int64_t b, int64_t in, int64_t classes, T lo, T hi) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
+  const Vec w(hi - lo);
+  const T* lp = log_pi + b * classes;
+  for (int64_t i0 = 0; i0 < in; i0 += L) {
+    const int64_t count = std::min<int64_t>(L, in - i0);
+    const Vec is_hi = Vec::loadu(x + b * in + i0, count) == Vec(hi);
+    const Vec delta = Vec::blendv(w, w.neg(), is_hi);
+    Vec top(-std::numeric_limits<T>::infinity());
+    for (int64_t k = 0; k < classes; ++k) {
+      top = at::vec::maximum(top, at::vec::fmadd(delta, Vec::loadu(weight + k * in + i0, count), Vec(lp[k])));
+    }
+    Vec sum(T(0));
+    for (int64_t k = 0; k < classes; ++k) {
+      const Vec z = at::vec::fmadd(delta, Vec::loadu(weight + k * in + i0, count), Vec(lp[k]));
+      sum = sum + (z - top).exp();
+    }
+    const Vec ratio = delta * Vec::loadu(weight + a[b] * in + i0, count) - (top + sum.log());
+    Vec::blendv(ratio, ratio.neg(), is_hi).store(d + b * in + i0, count);
+  }
+}
+
+at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
+                                 const at::Tensor& a_in, double lo, double hi) {
+  check_cpu(x_in, weight_in, logits_in);
+  TORCH_CHECK(a_in.dim() == 1 && a_in.size(0) == x_in.size(0), "hnca: a must have shape [B]");
+  const auto dtype = compute_type(logits_in);
+  const auto x = x_in.to(dtype).contiguous();
+  const auto weight = weight_in.to(dtype).contiguous();
+  const auto log_pi = at::log_softmax(logits_in.to(dtype), 1).contiguous();
+  const auto a = a_in.to(at::kLong).contiguous();
+  auto d = new_output(x, dtype);
+  const int64_t batch = x.size(0), in = x.size(1), classes = weight.size(0);
+  if (d.numel() == 0) {
+    return d;
+  }
+  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_categorical_log_ratio", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    const scalar_t* lp = log_pi.data_ptr<scalar_t>();
+    const int64_t* ap = a.data_ptr<int64_t>();
+    scalar_t* dp = d.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in * classes));
+    at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        categorical_rows<scalar_t>(xp, wp, lp, ap, dp, b, in, classes, scalar_t(lo), scalar_t(hi));
+      }
+    });
+  });
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entropy delta: d = sign * sum_j H(l_j + Delta*W[j, i]) - H(l_j), with the stable form
+// H(z) = log1p(t) + |z| t / (1 + t), t = exp(-|z|) (symmetric in z, no overflow).
+
+template <typename T>
+Vectorized<T> entropy(const Vectorized<T>& z) {
+  using Vec = Vectorized<T>;
+  const Vec m = z.abs();
+  const Vec t = m.neg().exp();
+  return t.log1p() + m * t / (Vec(T(1)) + t);
+}
+
+template <typename T, int ROWS>
+void entropy_tile(const T* x, const T* weight, const T* logits, const T* h_logits, T* d, int64_t b0, int64_t i0,
+                  int64_t in, int64_t out, T lo, T hi) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
+  int64_t count[kVecs];
+  Vec is_hi[ROWS][kVecs], delta[ROWS][kVecs], sum[ROWS][kVecs];
+  const Vec w(hi - lo);
+  for (int k = 0; k < kVecs; ++k) {
+    count[k] = std::clamp<int64_t>(in - i0 - k * L, 0, L);
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int k = 0; k < kVecs; ++k) {
+      is_hi[r][k] = Vec::loadu(x + (b0 + r) * in + i0 + k * L, count[k]) == Vec(hi);
+      delta[r][k] = Vec::blendv(w, w.neg(), is_hi[r][k]);
+      sum[r][k] = Vec(T(0));
+    }
+  }
+  for (int64_t j = 0; j < out; ++j) {
+    Vec row[kVecs];
+    for (int k = 0; k < kVecs; ++k) {
+      row[k] = Vec::loadu(weight + j * in + i0 + k * L, count[k]);
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t bj = (b0 + r) * out + j;
+      for (int k = 0; k < kVecs; ++k) {
+        const Vec z = at::vec::fmadd(delta[r][k], row[k], Vec(logits[bj]));
+        sum[r][k] = sum[r][k] + (entropy(z) - Vec(h_logits[bj]));
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int k = 0; k < kVecs; ++k) {
+      if (count[k] > 0) {
+        Vec::blendv(sum[r][k], sum[r][k].neg(), is_hi[r][k]).store(d + (b0 + r) * in + i0 + k * L, count[k]);
+      }
+    }
+  }
+}
+
+at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
+                         double lo, double hi) {
+  check_cpu(x_in, weight_in, logits_in);
+  const auto dtype = compute_type(logits_in);
+  const auto x = x_in.to(dtype).contiguous();
+  const auto weight = weight_in.to(dtype).contiguous();
+  const auto logits = logits_in.to(dtype).contiguous();
+  auto d = new_output(x, dtype);
+  const int64_t batch = x.size(0), in = x.size(1), out = weight.size(0);
+  if (d.numel() == 0) {
+    return d;
+  }
+  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_entropy_delta", [&] {
+    using T = scalar_t;
+    // H(l) with the same formula as the counterfactual term, so that equal logits cancel exactly
+    auto h = at::empty_like(logits);
+    at::vec::map([](Vectorized<T> z) { return entropy(z); }, h.data_ptr<T>(), logits.data_ptr<T>(), logits.numel());
+    const T *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>(), *lp = logits.data_ptr<T>(), *hp = h.data_ptr<T>();
+    T* dp = d.data_ptr<T>();
+    for_each_tile(batch, in, kVecs * Vectorized<T>::size(), [&](int64_t b0, int64_t rows, int64_t i0) {
+      if (rows == kRows) {
+        entropy_tile<T, kRows>(xp, wp, lp, hp, dp, b0, i0, in, out, T(lo), T(hi));
+      } else {
+        for (int64_t r = 0; r < rows; ++r) entropy_tile<T, 1>(xp, wp, lp, hp, dp, b0 + r, i0, in, out, T(lo), T(hi));
+      }
+    });
+  });
+  return d;
+}
+
+}  // namespace
+}  // namespace hnca
+
+TORCH_LIBRARY(hnca, m) {
+  m.def("bernoulli_log_ratio(Tensor x, Tensor weight, Tensor logits, Tensor y, float lo, float hi) -> Tensor");
+  m.def("categorical_log_ratio(Tensor x, Tensor weight, Tensor logits, Tensor a, float lo, float hi) -> Tensor");
+  m.def("entropy_delta(Tensor x, Tensor weight, Tensor logits, float lo, float hi) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hnca, CPU, m) {
+  m.impl("bernoulli_log_ratio", &hnca::bernoulli_log_ratio);
+  m.impl("categorical_log_ratio", &hnca::categorical_log_ratio);
+  m.impl("entropy_delta", &hnca::entropy_delta);
+}
