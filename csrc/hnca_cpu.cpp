@@ -34,8 +34,8 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int kRows = 4;  // examples per tile
-constexpr int kVecs = 2;  // vectors of parents per tile
+constexpr int kRows = 2;  // examples per tile
+constexpr int kVecs = 4;  // vectors of parents per tile
 
 at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -113,6 +113,29 @@ std::vector<Chunk> plan_chunks(const at::Tensor& weight, double w) {
   return chunks;
 }
 
+// The tables [blocks, out, 2, block]: expm1(+w*W) then expm1(-w*W) for each child and block of
+// parents, 0 past the last parent (a factor of 1, a term of 0).
+template <typename T>
+at::Tensor expm1_tables(const at::Tensor& weight, T w, int64_t block) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
+  const int64_t out = weight.size(0), in = weight.size(1), blocks = (in + block - 1) / block;
+  auto tables = at::empty({blocks, out, 2, block}, weight.options());
+  const T* wp = weight.data_ptr<T>();
+  T* tp = tables.data_ptr<T>();
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      for (int64_t i = 0; i < blocks * block; i += L) {
+        const Vec c = Vec::loadu(wp + j * in + i, std::clamp<int64_t>(in - i, 0, L)) * Vec(w);
+        T* dst = tp + ((i / block) * out + j) * 2 * block + i % block;
+        c.expm1().store(dst);
+        c.neg().expm1().store(dst + block);
+      }
+    }
+  });
+  return tables;
+}
+
 template <typename T>
 struct BernoulliArgs {
   const T* x;          // [B, in]
@@ -180,8 +203,9 @@ void bernoulli_tile(const BernoulliArgs<T>& p, int64_t b0, int64_t i0) {
         const T* a_lo = row + fired * block;
         const Vec v(p.v[bj]);
         for (int k = 0; k < kVecs; ++k) {
-          const Vec delta = v * Vec::blendv(Vec::loadu(a_lo + k * L), Vec::loadu(a_hi + k * L), is_hi[r][k]);
-          q[r][k] = at::vec::fmadd(q[r][k], delta, q[r][k] + delta);
+          // q <- q + delta*(1 + q) with delta = v*(A - 1)
+          const Vec a_m1 = Vec::blendv(Vec::loadu(a_lo + k * L), Vec::loadu(a_hi + k * L), is_hi[r][k]);
+          q[r][k] = at::vec::fmadd(a_m1, at::vec::fmadd(v, q[r][k], v), q[r][k]);
         }
       }
     }
@@ -223,16 +247,14 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
   AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_bernoulli_log_ratio", [&] {
     using T = scalar_t;
     const int64_t block = kVecs * Vectorized<T>::size();
-    const int64_t blocks = (in + block - 1) / block;
-    // [out, in] -> [blocks, out, block], padded with 0 (a factor of 1, a term of 0)
-    auto blocked = [&](const at::Tensor& t) {
-      return at::constant_pad_nd(t, {0, blocks * block - in}, 0.0).view({out, blocks, block}).permute({1, 0, 2});
-    };
-    const auto tables = at::stack({blocked(at::expm1(weight * w)), blocked(at::expm1(weight * -w))}, 2).contiguous();
+    const auto tables = expm1_tables<T>(weight, T(w), block);
     const auto v = at::sigmoid(-sl).contiguous();
     at::Tensor w_weight, log_u, log_v;
     if (any_wide) {
-      w_weight = blocked(weight * w).contiguous();
+      // [out, in] -> [blocks, out, block] like the tables
+      const int64_t blocks = (in + block - 1) / block;
+      w_weight = at::constant_pad_nd(weight * w, {0, blocks * block - in}, 0.0)
+                     .view({out, blocks, block}).permute({1, 0, 2}).contiguous();
       log_u = at::log_sigmoid(sl).contiguous();
       log_v = at::log_sigmoid(-sl).contiguous();
     }
