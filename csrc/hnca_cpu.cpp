@@ -23,6 +23,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "hnca_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -36,29 +38,6 @@ using at::vec::Vectorized;
 
 constexpr int kRows = 2;  // examples per tile
 constexpr int kVecs = 4;  // vectors of parents per tile
-
-at::ScalarType compute_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// HNCA_POISON_OUTPUTS=1 fills outputs with NaN before the kernel runs (tests: unwritten
-// memory cannot pass).
-at::Tensor new_output(const at::Tensor& x, at::ScalarType dtype) {
-  auto out = at::empty(x.sizes(), x.options().dtype(dtype));
-  const char* poison = std::getenv("HNCA_POISON_OUTPUTS");
-  if (poison != nullptr && poison[0] == '1') {
-    out.fill_(std::numeric_limits<double>::quiet_NaN());
-  }
-  return out;
-}
-
-void check_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& logits) {
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && logits.device().is_cpu(),
-              "hnca CPU kernel got a tensor on another device");
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && logits.dim() == 2, "hnca: x, weight, logits must be 2-D");
-  TORCH_CHECK(weight.size(1) == x.size(1) && logits.size(0) == x.size(0) && logits.size(1) == weight.size(0),
-              "hnca: shapes of x [B, in], weight [out, in], logits [B, out] do not match");
-}
 
 // Parallel loop over tiles (block of parents, group of examples), block-major so that a thread
 // keeps one block of the tables in cache while it walks the examples.
@@ -76,10 +55,6 @@ void for_each_tile(int64_t batch, int64_t in, int64_t block, F tile) {
 
 // ---------------------------------------------------------------------------------------------
 // Bernoulli children.
-
-// NOTE: 4 keeps the q-form's error amplification below e^4 = 55 ulp per step while chunks of
-// Glorot-initialised 1024-wide layers still hold ~37 children (one log1p per 37 terms).
-constexpr double kChunkRange = 4.0;
 
 struct Chunk {
   int64_t end;  // children [previous end, end)
@@ -229,7 +204,8 @@ void bernoulli_tile(const BernoulliArgs<T>& p, int64_t b0, int64_t i0) {
 
 at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
                                const at::Tensor& y, double lo, double hi) {
-  check_cpu(x_in, weight_in, logits_in);
+  check_inputs(x_in, weight_in, logits_in);
+  TORCH_CHECK(x_in.device().is_cpu(), "hnca CPU kernel got a tensor on ", x_in.device());
   const auto dtype = compute_type(logits_in);
   const auto x = x_in.to(dtype).contiguous();
   const auto weight = weight_in.to(dtype).contiguous();
@@ -304,7 +280,8 @@ void categorical_rows(const T* x, const T* weight, const T* log_pi, const int64_
 
 at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
                                  const at::Tensor& a_in, double lo, double hi) {
-  check_cpu(x_in, weight_in, logits_in);
+  check_inputs(x_in, weight_in, logits_in);
+  TORCH_CHECK(x_in.device().is_cpu(), "hnca CPU kernel got a tensor on ", x_in.device());
   TORCH_CHECK(a_in.dim() == 1 && a_in.size(0) == x_in.size(0), "hnca: a must have shape [B]");
   const auto dtype = compute_type(logits_in);
   const auto x = x_in.to(dtype).contiguous();
@@ -386,7 +363,8 @@ void entropy_tile(const T* x, const T* weight, const T* logits, const T* h_logit
 
 at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
                          double lo, double hi) {
-  check_cpu(x_in, weight_in, logits_in);
+  check_inputs(x_in, weight_in, logits_in);
+  TORCH_CHECK(x_in.device().is_cpu(), "hnca CPU kernel got a tensor on ", x_in.device());
   const auto dtype = compute_type(logits_in);
   const auto x = x_in.to(dtype).contiguous();
   const auto weight = weight_in.to(dtype).contiguous();
