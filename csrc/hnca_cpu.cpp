@@ -250,30 +250,51 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
 }
 
 // ---------------------------------------------------------------------------------------------
-// Softmax child: d = sign * (Delta*W[a, i] - logsumexp_k(logpi[b, k] + Delta*W[k, i])), exact for
-// any W (max-shifted), one vector of parents at a time; K is small and W's K rows stay in L1.
+// Softmax child: with z_k = l_k - l_a (0 for the sampled class a),
+//   d = sign * (lse_k(z_k) - lse_k(z_k + Delta*(W[k, i] - W[a, i]))),
+// each logsumexp kept as top + log1p(rest), rest = sum of exp(z - top) but the top term, in one
+// pass (online). Where the sampled class dominates both are tiny and exact to relative
+// rounding, and no exp can overflow for any W. K is small; W's K rows stay in L1.
+
+// One step of the online logsumexp: fold z into (top, rest).
+template <typename T>
+inline void online_lse_scalar(T& top, T& rest, T z) {
+  const T e = std::exp(-std::abs(z - top));
+  if (z > top) {
+    rest = (rest + 1) * e;
+    top = z;
+  } else {
+    rest += e;
+  }
+}
 
 template <typename T>
-void categorical_rows(const T* x, const T* weight, const T* log_pi, const int64_t* a, T* d,
+void categorical_rows(const T* x, const T* weight, const T* logits, const int64_t* a, T* d,
                       int64_t b, int64_t in, int64_t classes, T lo, T hi) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
-  const Vec w(hi - lo);
-  const T* lp = log_pi + b * classes;
+  const T* l = logits + b * classes;
+  const T* w_a = weight + a[b] * in;
+  T top = l[0] - l[a[b]], rest = 0;
+  for (int64_t k = 1; k < classes; ++k) online_lse_scalar(top, rest, l[k] - l[a[b]]);
+  const Vec lse_actual(top + std::log1p(rest));
+  const Vec w(hi - lo), one(T(1));
   for (int64_t i0 = 0; i0 < in; i0 += L) {
     const int64_t count = std::min<int64_t>(L, in - i0);
     const Vec is_hi = Vec::loadu(x + b * in + i0, count) == Vec(hi);
     const Vec delta = Vec::blendv(w, w.neg(), is_hi);
-    Vec top(-std::numeric_limits<T>::infinity());
-    for (int64_t k = 0; k < classes; ++k) {
-      top = at::vec::maximum(top, at::vec::fmadd(delta, Vec::loadu(weight + k * in + i0, count), Vec(lp[k])));
+    const Vec own = Vec::loadu(w_a + i0, count);
+    auto z = [&](int64_t k) {
+      return at::vec::fmadd(delta, Vec::loadu(weight + k * in + i0, count) - own, Vec(l[k] - l[a[b]]));
+    };
+    Vec top_cf = z(0), rest_cf(T(0));
+    for (int64_t k = 1; k < classes; ++k) {
+      const Vec zk = z(k);
+      const Vec e = (zk - top_cf).abs().neg().exp();
+      rest_cf = Vec::blendv(rest_cf + e, (rest_cf + one) * e, zk > top_cf);
+      top_cf = at::vec::maximum(top_cf, zk);
     }
-    Vec sum(T(0));
-    for (int64_t k = 0; k < classes; ++k) {
-      const Vec z = at::vec::fmadd(delta, Vec::loadu(weight + k * in + i0, count), Vec(lp[k]));
-      sum = sum + (z - top).exp();
-    }
-    const Vec ratio = delta * Vec::loadu(weight + a[b] * in + i0, count) - (top + sum.log());
+    const Vec ratio = lse_actual - (top_cf + rest_cf.log1p());
     Vec::blendv(ratio, ratio.neg(), is_hi).store(d + b * in + i0, count);
   }
 }
@@ -286,7 +307,7 @@ at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weigh
   const auto dtype = compute_type(logits_in);
   const auto x = x_in.to(dtype).contiguous();
   const auto weight = weight_in.to(dtype).contiguous();
-  const auto log_pi = at::log_softmax(logits_in.to(dtype), 1).contiguous();
+  const auto logits = logits_in.to(dtype).contiguous();
   const auto a = a_in.to(at::kLong).contiguous();
   auto d = new_output(x, dtype);
   const int64_t batch = x.size(0), in = x.size(1), classes = weight.size(0);
@@ -296,7 +317,7 @@ at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weigh
   AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_categorical_log_ratio", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = weight.data_ptr<scalar_t>();
-    const scalar_t* lp = log_pi.data_ptr<scalar_t>();
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
     const int64_t* ap = a.data_ptr<int64_t>();
     scalar_t* dp = d.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in * classes));

@@ -66,9 +66,21 @@ __global__ void bernoulli_kernel(const T* __restrict__ x, const T* __restrict__ 
   d[b * in + i] = at_hi ? logsum : -logsum;
 }
 
-// d[b, i] = sign * (Delta*W[a, i] - logsumexp_k(log_pi[b, k] + Delta*W[k, i]))
+// Fold z into the online logsumexp top + log1p(rest) (rest: the terms but the top one).
 template <typename T>
-__global__ void categorical_kernel(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ log_pi,
+__device__ void online_lse(T& top, T& rest, T z) {
+  const T e = exp(-fabs(z - top));
+  if (z > top) {
+    rest = (rest + 1) * e;
+    top = z;
+  } else {
+    rest += e;
+  }
+}
+
+// d[b, i] = sign * (lse_k(z_k) - lse_k(z_k + Delta*(W[k, i] - W[a, i]))), z_k = l_k - l_a
+template <typename T>
+__global__ void categorical_kernel(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ logits,
                                    const int64_t* __restrict__ a, T w, T hi, int64_t batch, int64_t in,
                                    int64_t classes, T* __restrict__ d) {
   const int64_t i = blockIdx.x * int64_t(kParents) + threadIdx.x;
@@ -76,16 +88,17 @@ __global__ void categorical_kernel(const T* __restrict__ x, const T* __restrict_
   if (i >= in || b >= batch) return;
   const bool at_hi = x[b * in + i] == hi;
   const T delta = at_hi ? -w : w;
-  const T* lp = log_pi + b * classes;
-  T top = -INFINITY;
-  for (int64_t k = 0; k < classes; ++k) {
-    top = fmax(top, lp[k] + delta * weight[k * in + i]);
+  const T* l = logits + b * classes;
+  const int64_t ab = a[b];
+  const T own = weight[ab * in + i];
+  T top = l[0] - l[ab], rest = 0;
+  T top_cf = top + delta * (weight[i] - own), rest_cf = 0;
+  for (int64_t k = 1; k < classes; ++k) {
+    const T z = l[k] - l[ab];
+    online_lse(top, rest, z);
+    online_lse(top_cf, rest_cf, z + delta * (weight[k * in + i] - own));
   }
-  T sum = 0;
-  for (int64_t k = 0; k < classes; ++k) {
-    sum += exp(lp[k] + delta * weight[k * in + i] - top);
-  }
-  const T ratio = delta * weight[a[b] * in + i] - (top + log(sum));
+  const T ratio = (top + log1p(rest)) - (top_cf + log1p(rest_cf));
   d[b * in + i] = at_hi ? -ratio : ratio;
 }
 
@@ -146,14 +159,14 @@ at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weigh
   const auto dtype = compute_type(logits_in);
   const auto x = x_in.to(dtype).contiguous();
   const auto weight = weight_in.to(dtype).contiguous();
-  const auto log_pi = at::log_softmax(logits_in.to(dtype), 1).contiguous();
+  const auto logits = logits_in.to(dtype).contiguous();
   const auto a = a_in.to(at::kLong).contiguous();
   auto d = new_output(x, dtype);
   const int64_t batch = x.size(0), in = x.size(1), classes = weight.size(0);
   if (d.numel() == 0) return d;
   AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_categorical_log_ratio_cuda", [&] {
     categorical_kernel<scalar_t><<<grid_for(batch, in), dim3(kParents, kExamples), 0, c10::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), log_pi.data_ptr<scalar_t>(), a.data_ptr<int64_t>(),
+        x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), a.data_ptr<int64_t>(),
         scalar_t(hi - lo), scalar_t(hi), batch, in, classes, d.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
