@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,7 +43,10 @@ def _cuda_toolkit() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def load() -> tuple[str | None, bool]:
-    """(why the extension could not be built, or None; whether it has the CUDA kernels)."""
+    """(why the extension could not be built, or None; whether it has the CUDA kernels).
+
+    Runs once per process (cached); a failure warns once and the backends report it.
+    """
     try:
         from torch.utils.cpp_extension import load as build
 
@@ -65,8 +69,10 @@ def load() -> tuple[str | None, bool]:
         )
         _register_fake()
         return None, with_cuda
-    except Exception as exc:  # the reason is reported by the backend registry
-        return f"the hnca C++ extension failed to build or load ({type(exc).__name__}: {exc})", False
+    except Exception as exc:  # a failed build is a reason to fall back, said once
+        reason = f"the hnca C++ extension failed to build or load ({type(exc).__name__}: {exc})"
+        warnings.warn(f"{reason}; the 'cpp' and 'cuda' backends are unavailable, using 'reference'", stacklevel=2)
+        return reason, False
 
 
 def _register_fake() -> None:
