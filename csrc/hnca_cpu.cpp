@@ -116,10 +116,10 @@ struct BernoulliArgs {
   const T* x;          // [B, in]
   const T* tables;     // [blocks, out, 2, block]: expm1(+w*W), expm1(-w*W), padded with 0
   const T* w_weight;   // [blocks, out, block]: w*W (wide children only)
+  const T* y;          // [B, out] child j fired where y > 0 (s = +1, else -1)
   const T* v;          // [B, out] sigmoid(-s*l)
   const T* log_u;      // [B, out] log sigmoid(s*l) (wide children only)
   const T* log_v;      // [B, out] log sigmoid(-s*l) (wide children only)
-  const bool* fired;   // [B, out]
   const Chunk* chunks;
   int64_t num_chunks, in, out;
   T hi;
@@ -157,7 +157,7 @@ void bernoulli_tile(const BernoulliArgs<T>& p, int64_t b0, int64_t i0) {
         const Vec lu(p.log_u[bj]), lv(p.log_v[bj]);
         for (int k = 0; k < kVecs; ++k) {
           const Vec ww = Vec::loadu(row + k * L);
-          const Vec log_a = p.fired[bj] ? Vec::blendv(ww.neg(), ww, is_hi[r][k])
+          const Vec log_a = p.y[bj] > 0 ? Vec::blendv(ww.neg(), ww, is_hi[r][k])
                                         : Vec::blendv(ww, ww.neg(), is_hi[r][k]);
           const Vec other = lv + log_a;
           const Vec top = at::vec::maximum(lu, other);
@@ -173,7 +173,7 @@ void bernoulli_tile(const BernoulliArgs<T>& p, int64_t b0, int64_t i0) {
         const int64_t bj = (b0 + r) * p.out + j;
         // A = exp(-s*W*Delta) is exp(+wW) where the parent's value and the child's firing agree
         // (arithmetic, not a branch: the firing is random)
-        const int64_t fired = p.fired[bj];
+        const int64_t fired = p.y[bj] > 0;
         const T* a_hi = row + (1 - fired) * block;
         const T* a_lo = row + fired * block;
         const Vec v(p.v[bj]);
@@ -210,8 +210,7 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
   const auto x = x_in.to(dtype).contiguous();
   const auto weight = weight_in.to(dtype).contiguous();
   const auto logits = logits_in.to(dtype).contiguous();
-  const auto fired = (y > 0).contiguous();
-  const auto sl = at::where(fired, logits, -logits);  // s*l
+  const auto y_ = y.to(dtype).contiguous();
   auto d = new_output(x, dtype);
   const int64_t batch = x.size(0), in = x.size(1), out = weight.size(0);
   if (d.numel() == 0) {
@@ -224,9 +223,17 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
     using T = scalar_t;
     const int64_t block = kVecs * Vectorized<T>::size();
     const auto tables = expm1_tables<T>(weight, T(w), block);
-    const auto v = at::sigmoid(-sl).contiguous();
+    // v = sigmoid(-s*l) = 1 / (1 + exp(s*l)), one fused pass
+    auto v = at::empty_like(logits);
+    at::vec::map2(
+        [](Vectorized<T> l, Vectorized<T> y) {
+          const auto sl = Vectorized<T>::blendv(l.neg(), l, y > Vectorized<T>(T(0)));
+          return (Vectorized<T>(T(1)) + sl.exp()).reciprocal();
+        },
+        v.data_ptr<T>(), logits.data_ptr<T>(), y_.data_ptr<T>(), logits.numel());
     at::Tensor w_weight, log_u, log_v;
     if (any_wide) {
+      const auto sl = at::where(y_ > 0, logits, -logits);  // s*l
       // [out, in] -> [blocks, out, block] like the tables
       const int64_t blocks = (in + block - 1) / block;
       w_weight = at::constant_pad_nd(weight * w, {0, blocks * block - in}, 0.0)
@@ -235,8 +242,8 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
       log_v = at::log_sigmoid(-sl).contiguous();
     }
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
-    const BernoulliArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), ptr(w_weight), v.data_ptr<T>(), ptr(log_u),
-                             ptr(log_v), fired.data_ptr<bool>(), chunks.data(), static_cast<int64_t>(chunks.size()),
+    const BernoulliArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), ptr(w_weight), y_.data_ptr<T>(), v.data_ptr<T>(),
+                             ptr(log_u), ptr(log_v), chunks.data(), static_cast<int64_t>(chunks.size()),
                              in, out, T(hi), d.data_ptr<T>()};
     for_each_tile(batch, in, block, [&](int64_t b0, int64_t rows, int64_t i0) {
       if (rows == kRows) {
