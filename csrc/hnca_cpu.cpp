@@ -38,17 +38,21 @@ using at::vec::Vectorized;
 
 constexpr int kRows = 2;  // examples per tile
 constexpr int kVecs = 4;  // vectors of parents per tile
+// Bernoulli: examples per task sharing each chunk's tables in L1, and the longest chunk (its
+// tables, 32 children x 2 x 4 vectors, are 16 KiB in float32)
+constexpr int64_t kRowsPerTask = 32;
+constexpr int64_t kMaxChunk = 32;
 
 // Parallel loop over tiles (block of parents, group of examples), block-major so that a thread
 // keeps one block of the tables in cache while it walks the examples.
 template <typename F>
-void for_each_tile(int64_t batch, int64_t in, int64_t block, F tile) {
+void for_each_tile(int64_t batch, int64_t in, int64_t block, int64_t rows_per_tile, F tile) {
   const int64_t blocks = (in + block - 1) / block;
-  const int64_t groups = (batch + kRows - 1) / kRows;
+  const int64_t groups = (batch + rows_per_tile - 1) / rows_per_tile;
   at::parallel_for(0, blocks * groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b0 = (t % groups) * kRows;
-      tile(b0, std::min<int64_t>(kRows, batch - b0), (t / groups) * block);
+      const int64_t b0 = (t % groups) * rows_per_tile;
+      tile(b0, std::min<int64_t>(rows_per_tile, batch - b0), (t / groups) * block);
     }
   });
 }
@@ -80,7 +84,7 @@ std::vector<Chunk> plan_chunks(const at::Tensor& weight, double w) {
       chunks.push_back({j + 1, true});
       begin = j + 1;
     } else {
-      if (used + r[j] > kChunkRange) close(j);
+      if (used + r[j] > kChunkRange || j - begin == kMaxChunk) close(j);
       used += r[j];
     }
   }
@@ -126,48 +130,38 @@ struct BernoulliArgs {
   T* d;                // [B, in]
 };
 
-// One tile: ROWS examples from b0, kVecs vectors of parents from i0.
+// Adds, for ROWS examples from b0 and kVecs vectors of parents from i0, the log of the product
+// of one chunk's factors into logsum (the running sum of log(1 + delta) over children).
 template <typename T, int ROWS>
-void bernoulli_tile(const BernoulliArgs<T>& p, int64_t b0, int64_t i0) {
+void bernoulli_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, const Chunk& chunk, T* logsum) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   constexpr int64_t block = kVecs * L;
-  const T* tables = p.tables + (i0 / block) * p.out * 2 * block;
-  int64_t count[kVecs];
-  Vec is_hi[ROWS][kVecs], q[ROWS][kVecs], logsum[ROWS][kVecs];
-  for (int k = 0; k < kVecs; ++k) {
-    count[k] = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
-  }
+  Vec is_hi[ROWS][kVecs], sum[ROWS][kVecs];
   for (int r = 0; r < ROWS; ++r) {
     for (int k = 0; k < kVecs; ++k) {
       // lanes past the row's end read 0: their tables are 0 (a factor of 1), and are not stored
-      is_hi[r][k] = Vec::loadu(p.x + (b0 + r) * p.in + i0 + k * L, count[k]) == Vec(p.hi);
-      q[r][k] = Vec(T(0));
-      logsum[r][k] = Vec(T(0));
+      const int64_t count = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
+      is_hi[r][k] = Vec::loadu(p.x + (b0 + r) * p.in + i0 + k * L, count) == Vec(p.hi);
+      sum[r][k] = Vec(T(0));
     }
   }
-  int64_t j = 0;
-  for (int64_t c = 0; c < p.num_chunks; ++c) {
-    const Chunk chunk = p.chunks[c];
-    if (chunk.wide) {
-      // log(u + v*A) = logaddexp(log u, log v + c), c = log A = +-w*W[j, i]
-      const T* row = p.w_weight + ((i0 / block) * p.out + j) * block;
-      for (int r = 0; r < ROWS; ++r) {
-        const int64_t bj = (b0 + r) * p.out + j;
-        const Vec lu(p.log_u[bj]), lv(p.log_v[bj]);
-        for (int k = 0; k < kVecs; ++k) {
-          const Vec ww = Vec::loadu(row + k * L);
-          const Vec log_a = p.y[bj] > 0 ? Vec::blendv(ww.neg(), ww, is_hi[r][k])
-                                        : Vec::blendv(ww, ww.neg(), is_hi[r][k]);
-          const Vec other = lv + log_a;
-          const Vec top = at::vec::maximum(lu, other);
-          logsum[r][k] = logsum[r][k] + top + (lu - other).abs().neg().exp().log1p();
-        }
+  if (chunk.wide) {
+    // log(u + v*A) = logaddexp(log u, log v + log A), log A = +-w*W[j, i]
+    const T* row = p.w_weight + ((i0 / block) * p.out + j0) * block;
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t bj = (b0 + r) * p.out + j0;
+      const Vec lu(p.log_u[bj]), lv(p.log_v[bj]);
+      for (int k = 0; k < kVecs; ++k) {
+        const Vec ww = Vec::loadu(row + k * L);
+        const Vec log_a = p.y[bj] > 0 ? Vec::blendv(ww.neg(), ww, is_hi[r][k]) : Vec::blendv(ww, ww.neg(), is_hi[r][k]);
+        const Vec other = lv + log_a;
+        sum[r][k] = at::vec::maximum(lu, other) + (lu - other).abs().neg().exp().log1p();
       }
-      j = chunk.end;
-      continue;
     }
-    for (; j < chunk.end; ++j) {
+  } else {
+    const T* tables = p.tables + (i0 / block) * p.out * 2 * block;
+    for (int64_t j = j0; j < chunk.end; ++j) {
       const T* row = tables + j * 2 * block;  // expm1(+wW), then expm1(-wW)
       for (int r = 0; r < ROWS; ++r) {
         const int64_t bj = (b0 + r) * p.out + j;
@@ -178,25 +172,50 @@ void bernoulli_tile(const BernoulliArgs<T>& p, int64_t b0, int64_t i0) {
         const T* a_lo = row + fired * block;
         const Vec v(p.v[bj]);
         for (int k = 0; k < kVecs; ++k) {
-          // q <- q + delta*(1 + q) with delta = v*(A - 1)
+          // q <- q + delta*(1 + q) with delta = v*(A - 1); sum holds q until the chunk ends
           const Vec a_m1 = Vec::blendv(Vec::loadu(a_lo + k * L), Vec::loadu(a_hi + k * L), is_hi[r][k]);
-          q[r][k] = at::vec::fmadd(a_m1, at::vec::fmadd(v, q[r][k], v), q[r][k]);
+          sum[r][k] = at::vec::fmadd(a_m1, at::vec::fmadd(v, sum[r][k], v), sum[r][k]);
         }
       }
     }
     for (int r = 0; r < ROWS; ++r) {
-      for (int k = 0; k < kVecs; ++k) {
-        logsum[r][k] = logsum[r][k] + q[r][k].log1p();
-        q[r][k] = Vec(T(0));
-      }
+      for (int k = 0; k < kVecs; ++k) sum[r][k] = sum[r][k].log1p();
     }
   }
-  // d = sign * sum_j -log(factor), sign = +1 from lo and -1 from hi
   for (int r = 0; r < ROWS; ++r) {
     for (int k = 0; k < kVecs; ++k) {
-      if (count[k] > 0) {
-        const Vec d = Vec::blendv(logsum[r][k].neg(), logsum[r][k], is_hi[r][k]);
-        d.store(p.d + (b0 + r) * p.in + i0 + k * L, count[k]);
+      T* acc = logsum + (r * kVecs + k) * L;
+      (Vec::loadu(acc) + sum[r][k]).store(acc);
+    }
+  }
+}
+
+// One task: examples [b0, b0 + rows) and one block of parents from i0. Chunk by chunk, all rows
+// pass over the chunk's tables while they are in L1.
+template <typename T>
+void bernoulli_task(const BernoulliArgs<T>& p, int64_t b0, int64_t rows, int64_t i0) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
+  T logsum[kRowsPerTask * kVecs * L] = {};  // [row][vector][lane]
+  int64_t j0 = 0;
+  for (int64_t c = 0; c < p.num_chunks; ++c) {
+    int64_t r = 0;
+    for (; r + kRows <= rows; r += kRows) {
+      bernoulli_chunk<T, kRows>(p, b0 + r, i0, j0, p.chunks[c], logsum + r * kVecs * L);
+    }
+    for (; r < rows; ++r) {
+      bernoulli_chunk<T, 1>(p, b0 + r, i0, j0, p.chunks[c], logsum + r * kVecs * L);
+    }
+    j0 = p.chunks[c].end;
+  }
+  // d = sign * sum_j -log(factor), sign = +1 from lo and -1 from hi
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int k = 0; k < kVecs; ++k) {
+      const int64_t count = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
+      if (count > 0) {
+        const Vec is_hi = Vec::loadu(p.x + (b0 + r) * p.in + i0 + k * L, count) == Vec(p.hi);
+        const Vec sum = Vec::loadu(logsum + (r * kVecs + k) * L);
+        Vec::blendv(sum.neg(), sum, is_hi).store(p.d + (b0 + r) * p.in + i0 + k * L, count);
       }
     }
   }
@@ -245,12 +264,8 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
     const BernoulliArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), ptr(w_weight), y_.data_ptr<T>(), v.data_ptr<T>(),
                              ptr(log_u), ptr(log_v), chunks.data(), static_cast<int64_t>(chunks.size()),
                              in, out, T(hi), d.data_ptr<T>()};
-    for_each_tile(batch, in, block, [&](int64_t b0, int64_t rows, int64_t i0) {
-      if (rows == kRows) {
-        bernoulli_tile<T, kRows>(p, b0, i0);
-      } else {
-        for (int64_t r = 0; r < rows; ++r) bernoulli_tile<T, 1>(p, b0 + r, i0);
-      }
+    for_each_tile(batch, in, block, kRowsPerTask, [&](int64_t b0, int64_t rows, int64_t i0) {
+      bernoulli_task<T>(p, b0, rows, i0);
     });
   });
   return d;
@@ -409,7 +424,7 @@ at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, co
     at::vec::map([](Vectorized<T> z) { return entropy(z); }, h.data_ptr<T>(), logits.data_ptr<T>(), logits.numel());
     const T *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>(), *lp = logits.data_ptr<T>(), *hp = h.data_ptr<T>();
     T* dp = d.data_ptr<T>();
-    for_each_tile(batch, in, kVecs * Vectorized<T>::size(), [&](int64_t b0, int64_t rows, int64_t i0) {
+    for_each_tile(batch, in, kVecs * Vectorized<T>::size(), kRows, [&](int64_t b0, int64_t rows, int64_t i0) {
       if (rows == kRows) {
         entropy_tile<T, kRows>(xp, wp, lp, hp, dp, b0, i0, in, out, T(lo), T(hi));
       } else {
