@@ -106,9 +106,13 @@ at::Tensor expm1_tables(const at::Tensor& weight, T w, int64_t block) {
     for (int64_t j = begin; j < end; ++j) {
       for (int64_t i = 0; i < blocks * block; i += L) {
         const Vec c = Vec::loadu(wp + j * in + i, std::clamp<int64_t>(in - i, 0, L)) * Vec(w);
+        // one expm1: with e = expm1(|c|), expm1(-|c|) = -e / (1 + e), exact where 1 + e >= 1
+        const Vec e = c.abs().expm1();
+        const Vec e_inv = e.neg() / (Vec(T(1)) + e);
+        const Vec negative = c < Vec(T(0));
         T* dst = tp + ((i / block) * out + j) * 2 * block + i % block;
-        c.expm1().store(dst);
-        c.neg().expm1().store(dst + block);
+        Vec::blendv(e, e_inv, negative).store(dst);          // expm1(+c)
+        Vec::blendv(e_inv, e, negative).store(dst + block);  // expm1(-c)
       }
     }
   });
