@@ -11,11 +11,11 @@
 // partial product lies in [e^-4, e^4]. A child with w*max|W| > kChunkRange alone ("wide") is
 // summed per term in the log domain: -logaddexp(log u, log v + log A), exact for any weight.
 //
-// Layout: a tile is kRows examples x one block of kVecs vectors of parents; the loop over
-// children is innermost and every accumulator stays in a register. The tables are stored block
-// by block, [block][child][+/-][parent in block], so a tile streams one contiguous stretch that
-// stays in L2 while all examples pass over it (rows of a power-of-two stride did not: they fell
-// into a few cache sets and ran 8x slower).
+// Layout: the tables are stored block by block, [block of 64 parents][child][+/-][parent], so a
+// block's rows are contiguous (rows of a power-of-two stride fell into a few cache sets: about
+// 2x slower at in = 1024). A task is one block of parents x 32 examples; it walks the chunks of children,
+// and for each chunk (at most 32 children: 16 KiB of tables, held in L1) every pair of examples
+// runs the loop over the chunk's children with its 2 x 4 accumulators in registers.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,15 +36,15 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int kRows = 2;  // examples per tile
-constexpr int kVecs = 4;  // vectors of parents per tile
+constexpr int kRows = 2;  // examples per register tile
+constexpr int kVecs = 4;  // vectors of parents per register tile (and per block of the tables)
 // Bernoulli: examples per task sharing each chunk's tables in L1, and the longest chunk (its
 // tables, 32 children x 2 x 4 vectors, are 16 KiB in float32)
 constexpr int64_t kRowsPerTask = 32;
 constexpr int64_t kMaxChunk = 32;
 
 // Parallel loop over tiles (block of parents, group of examples), block-major so that a thread
-// keeps one block of the tables in cache while it walks the examples.
+// keeps one block of the tables in L2 while it walks the examples.
 template <typename F>
 void for_each_tile(int64_t batch, int64_t in, int64_t block, int64_t rows_per_tile, F tile) {
   const int64_t blocks = (in + block - 1) / block;
