@@ -46,7 +46,7 @@ def _ratio(num, den):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _medians:
+    if not _medians and not _extra:
         return
     write = terminalreporter.write_line
     write("")

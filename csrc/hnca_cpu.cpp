@@ -43,13 +43,19 @@ constexpr int kVecs = 4;  // vectors of parents per register tile (and per block
 constexpr int64_t kRowsPerTask = 32;
 constexpr int64_t kMaxChunk = 32;
 
+// Work below this many counterfactual terms (~0.4 ms on one core) runs on the calling thread.
+// NOTE: on the shared 2-core machine a parallel region waits whenever the other core is busy;
+// at the paper's shape (2M terms a message) that made a training step 5x slower under load.
+constexpr int64_t kTermsPerThread = int64_t(1) << 22;
+
 // Parallel loop over tiles (block of parents, group of examples), block-major so that a thread
-// keeps one block of the tables in L2 while it walks the examples.
+// keeps one block of the tables in L2 while it walks the examples; `terms` is one tile's work.
 template <typename F>
-void for_each_tile(int64_t batch, int64_t in, int64_t block, int64_t rows_per_tile, F tile) {
+void for_each_tile(int64_t batch, int64_t in, int64_t block, int64_t rows_per_tile, int64_t terms, F tile) {
   const int64_t blocks = (in + block - 1) / block;
   const int64_t groups = (batch + rows_per_tile - 1) / rows_per_tile;
-  at::parallel_for(0, blocks * groups, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kTermsPerThread / std::max<int64_t>(1, terms));
+  at::parallel_for(0, blocks * groups, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b0 = (t % groups) * rows_per_tile;
       tile(b0, std::min<int64_t>(rows_per_tile, batch - b0), (t / groups) * block);
@@ -102,7 +108,7 @@ at::Tensor expm1_tables(const at::Tensor& weight, T w, int64_t block) {
   auto tables = at::empty({blocks, out, 2, block}, weight.options());
   const T* wp = weight.data_ptr<T>();
   T* tp = tables.data_ptr<T>();
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, out, std::max<int64_t>(1, kTermsPerThread / 16 / (blocks * block)), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       for (int64_t i = 0; i < blocks * block; i += L) {
         const Vec c = Vec::loadu(wp + j * in + i, std::clamp<int64_t>(in - i, 0, L)) * Vec(w);
@@ -268,7 +274,7 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
     const BernoulliArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), ptr(w_weight), y_.data_ptr<T>(), v.data_ptr<T>(),
                              ptr(log_u), ptr(log_v), chunks.data(), static_cast<int64_t>(chunks.size()),
                              in, out, T(hi), d.data_ptr<T>()};
-    for_each_tile(batch, in, block, kRowsPerTask, [&](int64_t b0, int64_t rows, int64_t i0) {
+    for_each_tile(batch, in, block, kRowsPerTask, kRowsPerTask * block * out, [&](int64_t b0, int64_t rows, int64_t i0) {
       bernoulli_task<T>(p, b0, rows, i0);
     });
   });
@@ -346,7 +352,8 @@ at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weigh
     const scalar_t* lp = logits.data_ptr<scalar_t>();
     const int64_t* ap = a.data_ptr<int64_t>();
     scalar_t* dp = d.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in * classes));
+    // a term (one class for one parent) costs an exp
+    const int64_t grain = std::max<int64_t>(1, kTermsPerThread / 16 / std::max<int64_t>(1, in * classes));
     at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         categorical_rows<scalar_t>(xp, wp, lp, ap, dp, b, in, classes, scalar_t(lo), scalar_t(hi));
@@ -428,7 +435,9 @@ at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, co
     at::vec::map([](Vectorized<T> z) { return entropy(z); }, h.data_ptr<T>(), logits.data_ptr<T>(), logits.numel());
     const T *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>(), *lp = logits.data_ptr<T>(), *hp = h.data_ptr<T>();
     T* dp = d.data_ptr<T>();
-    for_each_tile(batch, in, kVecs * Vectorized<T>::size(), kRows, [&](int64_t b0, int64_t rows, int64_t i0) {
+    // an entropy term costs an exp and a log1p: 16x a Bernoulli one
+    const int64_t block = kVecs * Vectorized<T>::size();
+    for_each_tile(batch, in, block, kRows, 16 * kRows * block * out, [&](int64_t b0, int64_t rows, int64_t i0) {
       if (rows == kRows) {
         entropy_tile<T, kRows>(xp, wp, lp, hp, dp, b0, i0, in, out, T(lo), T(hi));
       } else {
