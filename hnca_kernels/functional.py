@@ -148,5 +148,6 @@ def hnca_logit_credit(logits: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     # Both cases are sign(d) * sigmoid(-sign*l) * sigmoid(sign*(l + d)) * (1 - e^-|d|): one
     # expression without torch.where (this runs once per layer and step; its ops dominate at small B).
     sign = torch.sign(d)
-    magnitude = torch.expm1(-d.abs()).neg_()
-    return sign * torch.sigmoid(-sign * logits) * torch.sigmoid(sign * (logits + d)) * magnitude
+    magnitude = d.abs().neg_().expm1_().neg_()  # 1 - e^-|d|
+    posterior = (logits + d).mul_(sign).sigmoid_()
+    return posterior.mul_((logits * sign).neg_().sigmoid_()).mul_(magnitude).mul_(sign)
