@@ -104,7 +104,8 @@ class BernoulliLinear(_StochasticLinear):
         lo, hi = self.values
         with torch.no_grad():
             fired = torch.rand_like(logits, dtype=torch.float32) < torch.sigmoid(logits.float())
-            return torch.where(fired, hi, lo).to(self.weight.dtype)
+            # lo + (hi - lo) * fired: exact for both codings, cheaper than torch.where on scalars
+            return fired.to(self.weight.dtype).mul_(hi - lo).add_(lo)
 
     def score(self, logits: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """d log pi(sample) / d logits = [sample fired] - sigmoid(logits)."""

@@ -1,0 +1,464 @@
+// CPU kernels of the counterfactual reductions, registered as torch ops hnca::*.
+//
+// The reference (hnca_kernels/ops/reference.py) evaluates two log-sigmoids per (b, i, j). The
+// Bernoulli message here uses MATH.md section 1: with v = sigmoid(-s*l) per (example, child) and
+// the tables expm1(+w*W), expm1(-w*W) computed once per call, each term is -log(1 + delta) with
+// delta = v * (A - 1), A - 1 read from one of the two tables. The factors 1 + delta of a chunk of
+// children are multiplied as q = prod - 1 (q <- q + delta + q*delta), and one vector log1p(q) per
+// chunk replaces a log per term. Keeping q rather than the product keeps messages near 0 exact to
+// relative rounding (saturated children send tiny terms), but its error grows as 1/prod; a chunk
+// is therefore cut where the summed bound sum_j w*max_i|W[j, i]| would pass kChunkRange, so every
+// partial product lies in [e^-4, e^4]. A child with w*max|W| > kChunkRange alone ("wide") is
+// summed per term in the log domain: -logaddexp(log u, log v + log A), exact for any weight.
+//
+// Layout: the tables are stored block by block, [block of 64 parents][child][+/-][parent], so a
+// block's rows are contiguous (rows of a power-of-two stride fell into a few cache sets: about
+// 2x slower at in = 1024). A task is one block of parents x 32 examples; it walks the chunks of children,
+// and for each chunk (at most 32 children: 16 KiB of tables, held in L1) every pair of examples
+// runs the loop over the chunk's children with its 2 x 4 accumulators in registers.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include "hnca_common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <vector>
+
+namespace hnca {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int kRows = 2;  // examples per register tile
+constexpr int kVecs = 4;  // vectors of parents per register tile (and per block of the tables)
+// Bernoulli: examples per task sharing each chunk's tables in L1, and the longest chunk (its
+// tables, 32 children x 2 x 4 vectors, are 16 KiB in float32)
+constexpr int64_t kRowsPerTask = 32;
+constexpr int64_t kMaxChunk = 32;
+
+// Work below this many counterfactual terms (~0.4 ms on one core) runs on the calling thread.
+// NOTE: on the shared 2-core machine a parallel region waits whenever the other core is busy;
+// at the paper's shape (2M terms a message) that made a training step 5x slower under load.
+constexpr int64_t kTermsPerThread = int64_t(1) << 22;
+
+// Parallel loop over tiles (block of parents, group of examples), block-major so that a thread
+// keeps one block of the tables in L2 while it walks the examples; `terms` is one tile's work.
+template <typename F>
+void for_each_tile(int64_t batch, int64_t in, int64_t block, int64_t rows_per_tile, int64_t terms, F tile) {
+  const int64_t blocks = (in + block - 1) / block;
+  const int64_t groups = (batch + rows_per_tile - 1) / rows_per_tile;
+  const int64_t grain = std::max<int64_t>(1, kTermsPerThread / std::max<int64_t>(1, terms));
+  at::parallel_for(0, blocks * groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b0 = (t % groups) * rows_per_tile;
+      tile(b0, std::min<int64_t>(rows_per_tile, batch - b0), (t / groups) * block);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bernoulli children.
+
+struct Chunk {
+  int64_t end;  // children [previous end, end)
+  bool wide;    // a single child summed in the log domain
+};
+
+// Cut the children into chunks by the bound r_j = w*max_i|W[j, i]| of each child's factors.
+std::vector<Chunk> plan_chunks(const at::Tensor& weight, double w) {
+  const auto bound = (weight.abs().amax(1) * w).to(at::kDouble).contiguous();
+  const double* r = bound.data_ptr<double>();
+  const int64_t out = bound.numel();
+  std::vector<Chunk> chunks;
+  int64_t begin = 0;  // the open chunk of narrow children is [begin, j)
+  double used = 0.0;
+  auto close = [&](int64_t j) {
+    if (j > begin) chunks.push_back({j, false});
+    begin = j;
+    used = 0.0;
+  };
+  for (int64_t j = 0; j < out; ++j) {
+    if (!(r[j] <= kChunkRange)) {  // wide (or NaN): alone, in the log domain
+      close(j);
+      chunks.push_back({j + 1, true});
+      begin = j + 1;
+    } else {
+      if (used + r[j] > kChunkRange || j - begin == kMaxChunk) close(j);
+      used += r[j];
+    }
+  }
+  close(out);
+  return chunks;
+}
+
+// The tables [blocks, out, 2, block]: expm1(+w*W) then expm1(-w*W) for each child and block of
+// parents, 0 past the last parent (a factor of 1, a term of 0).
+template <typename T>
+at::Tensor expm1_tables(const at::Tensor& weight, T w, int64_t block) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
+  const int64_t out = weight.size(0), in = weight.size(1), blocks = (in + block - 1) / block;
+  auto tables = at::empty({blocks, out, 2, block}, weight.options());
+  const T* wp = weight.data_ptr<T>();
+  T* tp = tables.data_ptr<T>();
+  at::parallel_for(0, out, std::max<int64_t>(1, kTermsPerThread / 16 / (blocks * block)), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      for (int64_t i = 0; i < blocks * block; i += L) {
+        const Vec c = Vec::loadu(wp + j * in + i, std::clamp<int64_t>(in - i, 0, L)) * Vec(w);
+        // one expm1: with e = expm1(|c|), expm1(-|c|) = -e / (1 + e), exact where 1 + e >= 1
+        const Vec e = c.abs().expm1();
+        const Vec e_inv = e.neg() / (Vec(T(1)) + e);
+        const Vec negative = c < Vec(T(0));
+        T* dst = tp + ((i / block) * out + j) * 2 * block + i % block;
+        Vec::blendv(e, e_inv, negative).store(dst);          // expm1(+c)
+        Vec::blendv(e_inv, e, negative).store(dst + block);  // expm1(-c)
+      }
+    }
+  });
+  return tables;
+}
+
+template <typename T>
+struct BernoulliArgs {
+  const T* x;          // [B, in]
+  const T* tables;     // [blocks, out, 2, block]: expm1(+w*W), expm1(-w*W), padded with 0
+  const T* w_weight;   // [blocks, out, block]: w*W (wide children only)
+  const T* y;          // [B, out] child j fired where y > 0 (s = +1, else -1)
+  const T* v;          // [B, out] sigmoid(-s*l)
+  const T* log_u;      // [B, out] log sigmoid(s*l) (wide children only)
+  const T* log_v;      // [B, out] log sigmoid(-s*l) (wide children only)
+  const Chunk* chunks;
+  int64_t num_chunks, in, out;
+  T hi;
+  T* d;                // [B, in]
+};
+
+// Adds, for ROWS examples from b0 and kVecs vectors of parents from i0, the log of the product
+// of one chunk's factors into logsum (the running sum of log(1 + delta) over children).
+template <typename T, int ROWS>
+void bernoulli_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, const Chunk& chunk, T* logsum) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
+  constexpr int64_t block = kVecs * L;
+  Vec is_hi[ROWS][kVecs], sum[ROWS][kVecs];
+  for (int r = 0; r < ROWS; ++r) {
+    for (int k = 0; k < kVecs; ++k) {
+      // lanes past the row's end read 0: their tables are 0 (a factor of 1), and are not stored
+      const int64_t count = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
+      is_hi[r][k] = Vec::loadu(p.x + (b0 + r) * p.in + i0 + k * L, count) == Vec(p.hi);
+      sum[r][k] = Vec(T(0));
+    }
+  }
+  if (chunk.wide) {
+    // log(u + v*A) = logaddexp(log u, log v + log A), log A = +-w*W[j, i]
+    const T* row = p.w_weight + ((i0 / block) * p.out + j0) * block;
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t bj = (b0 + r) * p.out + j0;
+      const Vec lu(p.log_u[bj]), lv(p.log_v[bj]);
+      for (int k = 0; k < kVecs; ++k) {
+        const Vec ww = Vec::loadu(row + k * L);
+        const Vec log_a = p.y[bj] > 0 ? Vec::blendv(ww.neg(), ww, is_hi[r][k]) : Vec::blendv(ww, ww.neg(), is_hi[r][k]);
+        const Vec other = lv + log_a;
+        sum[r][k] = at::vec::maximum(lu, other) + (lu - other).abs().neg().exp().log1p();
+      }
+    }
+  } else {
+    const T* tables = p.tables + (i0 / block) * p.out * 2 * block;
+    for (int64_t j = j0; j < chunk.end; ++j) {
+      const T* row = tables + j * 2 * block;  // expm1(+wW), then expm1(-wW)
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t bj = (b0 + r) * p.out + j;
+        // A = exp(-s*W*Delta) is exp(+wW) where the parent's value and the child's firing agree
+        // (arithmetic, not a branch: the firing is random)
+        const int64_t fired = p.y[bj] > 0;
+        const T* a_hi = row + (1 - fired) * block;
+        const T* a_lo = row + fired * block;
+        const Vec v(p.v[bj]);
+        for (int k = 0; k < kVecs; ++k) {
+          // q <- q + delta*(1 + q) with delta = v*(A - 1); sum holds q until the chunk ends
+          const Vec a_m1 = Vec::blendv(Vec::loadu(a_lo + k * L), Vec::loadu(a_hi + k * L), is_hi[r][k]);
+          sum[r][k] = at::vec::fmadd(a_m1, at::vec::fmadd(v, sum[r][k], v), sum[r][k]);
+        }
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      for (int k = 0; k < kVecs; ++k) sum[r][k] = sum[r][k].log1p();
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int k = 0; k < kVecs; ++k) {
+      T* acc = logsum + (r * kVecs + k) * L;
+      (Vec::loadu(acc) + sum[r][k]).store(acc);
+    }
+  }
+}
+
+// One task: examples [b0, b0 + rows) and one block of parents from i0. Chunk by chunk, all rows
+// pass over the chunk's tables while they are in L1.
+template <typename T>
+void bernoulli_task(const BernoulliArgs<T>& p, int64_t b0, int64_t rows, int64_t i0) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
+  T logsum[kRowsPerTask * kVecs * L] = {};  // [row][vector][lane]
+  int64_t j0 = 0;
+  for (int64_t c = 0; c < p.num_chunks; ++c) {
+    int64_t r = 0;
+    for (; r + kRows <= rows; r += kRows) {
+      bernoulli_chunk<T, kRows>(p, b0 + r, i0, j0, p.chunks[c], logsum + r * kVecs * L);
+    }
+    for (; r < rows; ++r) {
+      bernoulli_chunk<T, 1>(p, b0 + r, i0, j0, p.chunks[c], logsum + r * kVecs * L);
+    }
+    j0 = p.chunks[c].end;
+  }
+  // d = sign * sum_j -log(factor), sign = +1 from lo and -1 from hi
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int k = 0; k < kVecs; ++k) {
+      const int64_t count = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
+      if (count > 0) {
+        const Vec is_hi = Vec::loadu(p.x + (b0 + r) * p.in + i0 + k * L, count) == Vec(p.hi);
+        const Vec sum = Vec::loadu(logsum + (r * kVecs + k) * L);
+        Vec::blendv(sum.neg(), sum, is_hi).store(p.d + (b0 + r) * p.in + i0 + k * L, count);
+      }
+    }
+  }
+}
+
+at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
+                               const at::Tensor& y, double lo, double hi) {
+  check_inputs(x_in, weight_in, logits_in);
+  TORCH_CHECK(x_in.device().is_cpu(), "hnca CPU kernel got a tensor on ", x_in.device());
+  const auto dtype = compute_type(logits_in);
+  const auto x = x_in.to(dtype).contiguous();
+  const auto weight = weight_in.to(dtype).contiguous();
+  const auto logits = logits_in.to(dtype).contiguous();
+  const auto y_ = y.to(dtype).contiguous();
+  auto d = new_output(x, dtype);
+  const int64_t batch = x.size(0), in = x.size(1), out = weight.size(0);
+  if (d.numel() == 0) {
+    return d;
+  }
+  const double w = hi - lo;
+  const auto chunks = plan_chunks(weight, w);
+  const bool any_wide = std::any_of(chunks.begin(), chunks.end(), [](const Chunk& c) { return c.wide; });
+  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_bernoulli_log_ratio", [&] {
+    using T = scalar_t;
+    const int64_t block = kVecs * Vectorized<T>::size();
+    const auto tables = expm1_tables<T>(weight, T(w), block);
+    // v = sigmoid(-s*l) = 1 / (1 + exp(s*l)), one fused pass
+    auto v = at::empty_like(logits);
+    at::vec::map2(
+        [](Vectorized<T> l, Vectorized<T> y) {
+          const auto sl = Vectorized<T>::blendv(l.neg(), l, y > Vectorized<T>(T(0)));
+          return (Vectorized<T>(T(1)) + sl.exp()).reciprocal();
+        },
+        v.data_ptr<T>(), logits.data_ptr<T>(), y_.data_ptr<T>(), logits.numel());
+    at::Tensor w_weight, log_u, log_v;
+    if (any_wide) {
+      const auto sl = at::where(y_ > 0, logits, -logits);  // s*l
+      // [out, in] -> [blocks, out, block] like the tables
+      const int64_t blocks = (in + block - 1) / block;
+      w_weight = at::constant_pad_nd(weight * w, {0, blocks * block - in}, 0.0)
+                     .view({out, blocks, block}).permute({1, 0, 2}).contiguous();
+      log_u = at::log_sigmoid(sl).contiguous();
+      log_v = at::log_sigmoid(-sl).contiguous();
+    }
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    const BernoulliArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), ptr(w_weight), y_.data_ptr<T>(), v.data_ptr<T>(),
+                             ptr(log_u), ptr(log_v), chunks.data(), static_cast<int64_t>(chunks.size()),
+                             in, out, T(hi), d.data_ptr<T>()};
+    for_each_tile(batch, in, block, kRowsPerTask, kRowsPerTask * block * out, [&](int64_t b0, int64_t rows, int64_t i0) {
+      bernoulli_task<T>(p, b0, rows, i0);
+    });
+  });
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax child: with z_k = l_k - l_a (0 for the sampled class a),
+//   d = sign * (lse_k(z_k) - lse_k(z_k + Delta*(W[k, i] - W[a, i]))),
+// each logsumexp kept as top + log1p(rest), rest = sum of exp(z - top) but the top term, in one
+// pass (online). Where the sampled class dominates both are tiny and exact to relative
+// rounding, and no exp can overflow for any W. K is small; W's K rows stay in L1.
+
+// One step of the online logsumexp: fold z into (top, rest).
+template <typename T>
+inline void online_lse_scalar(T& top, T& rest, T z) {
+  const T e = std::exp(-std::abs(z - top));
+  if (z > top) {
+    rest = (rest + 1) * e;
+    top = z;
+  } else {
+    rest += e;
+  }
+}
+
+template <typename T>
+void categorical_rows(const T* x, const T* weight, const T* logits, const int64_t* a, T* d,
+                      int64_t b, int64_t in, int64_t classes, T lo, T hi) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
+  const T* l = logits + b * classes;
+  const T* w_a = weight + a[b] * in;
+  T top = l[0] - l[a[b]], rest = 0;
+  for (int64_t k = 1; k < classes; ++k) online_lse_scalar(top, rest, l[k] - l[a[b]]);
+  const Vec lse_actual(top + std::log1p(rest));
+  const Vec w(hi - lo), one(T(1));
+  for (int64_t i0 = 0; i0 < in; i0 += L) {
+    const int64_t count = std::min<int64_t>(L, in - i0);
+    const Vec is_hi = Vec::loadu(x + b * in + i0, count) == Vec(hi);
+    const Vec delta = Vec::blendv(w, w.neg(), is_hi);
+    const Vec own = Vec::loadu(w_a + i0, count);
+    auto z = [&](int64_t k) {
+      return at::vec::fmadd(delta, Vec::loadu(weight + k * in + i0, count) - own, Vec(l[k] - l[a[b]]));
+    };
+    Vec top_cf = z(0), rest_cf(T(0));
+    for (int64_t k = 1; k < classes; ++k) {
+      const Vec zk = z(k);
+      const Vec e = (zk - top_cf).abs().neg().exp();
+      rest_cf = Vec::blendv(rest_cf + e, (rest_cf + one) * e, zk > top_cf);
+      top_cf = at::vec::maximum(top_cf, zk);
+    }
+    const Vec ratio = lse_actual - (top_cf + rest_cf.log1p());
+    Vec::blendv(ratio, ratio.neg(), is_hi).store(d + b * in + i0, count);
+  }
+}
+
+at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
+                                 const at::Tensor& a_in, double lo, double hi) {
+  check_inputs(x_in, weight_in, logits_in);
+  TORCH_CHECK(x_in.device().is_cpu(), "hnca CPU kernel got a tensor on ", x_in.device());
+  TORCH_CHECK(a_in.dim() == 1 && a_in.size(0) == x_in.size(0), "hnca: a must have shape [B]");
+  const auto dtype = compute_type(logits_in);
+  const auto x = x_in.to(dtype).contiguous();
+  const auto weight = weight_in.to(dtype).contiguous();
+  const auto logits = logits_in.to(dtype).contiguous();
+  const auto a = a_in.to(at::kLong).contiguous();
+  auto d = new_output(x, dtype);
+  const int64_t batch = x.size(0), in = x.size(1), classes = weight.size(0);
+  if (d.numel() == 0) {
+    return d;
+  }
+  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_categorical_log_ratio", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    const int64_t* ap = a.data_ptr<int64_t>();
+    scalar_t* dp = d.data_ptr<scalar_t>();
+    // a term (one class for one parent) costs an exp
+    const int64_t grain = std::max<int64_t>(1, kTermsPerThread / 16 / std::max<int64_t>(1, in * classes));
+    at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        categorical_rows<scalar_t>(xp, wp, lp, ap, dp, b, in, classes, scalar_t(lo), scalar_t(hi));
+      }
+    });
+  });
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entropy delta: d = sign * sum_j H(l_j + Delta*W[j, i]) - H(l_j), with the stable form
+// H(z) = log1p(t) + |z| t / (1 + t), t = exp(-|z|) (symmetric in z, no overflow).
+
+template <typename T>
+Vectorized<T> entropy(const Vectorized<T>& z) {
+  using Vec = Vectorized<T>;
+  const Vec m = z.abs();
+  const Vec t = m.neg().exp();
+  return t.log1p() + m * t / (Vec(T(1)) + t);
+}
+
+template <typename T, int ROWS>
+void entropy_tile(const T* x, const T* weight, const T* logits, const T* h_logits, T* d, int64_t b0, int64_t i0,
+                  int64_t in, int64_t out, T lo, T hi) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
+  int64_t count[kVecs];
+  Vec is_hi[ROWS][kVecs], delta[ROWS][kVecs], sum[ROWS][kVecs];
+  const Vec w(hi - lo);
+  for (int k = 0; k < kVecs; ++k) {
+    count[k] = std::clamp<int64_t>(in - i0 - k * L, 0, L);
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int k = 0; k < kVecs; ++k) {
+      is_hi[r][k] = Vec::loadu(x + (b0 + r) * in + i0 + k * L, count[k]) == Vec(hi);
+      delta[r][k] = Vec::blendv(w, w.neg(), is_hi[r][k]);
+      sum[r][k] = Vec(T(0));
+    }
+  }
+  for (int64_t j = 0; j < out; ++j) {
+    Vec row[kVecs];
+    for (int k = 0; k < kVecs; ++k) {
+      row[k] = Vec::loadu(weight + j * in + i0 + k * L, count[k]);
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t bj = (b0 + r) * out + j;
+      for (int k = 0; k < kVecs; ++k) {
+        const Vec z = at::vec::fmadd(delta[r][k], row[k], Vec(logits[bj]));
+        sum[r][k] = sum[r][k] + (entropy(z) - Vec(h_logits[bj]));
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int k = 0; k < kVecs; ++k) {
+      if (count[k] > 0) {
+        Vec::blendv(sum[r][k], sum[r][k].neg(), is_hi[r][k]).store(d + (b0 + r) * in + i0 + k * L, count[k]);
+      }
+    }
+  }
+}
+
+at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
+                         double lo, double hi) {
+  check_inputs(x_in, weight_in, logits_in);
+  TORCH_CHECK(x_in.device().is_cpu(), "hnca CPU kernel got a tensor on ", x_in.device());
+  const auto dtype = compute_type(logits_in);
+  const auto x = x_in.to(dtype).contiguous();
+  const auto weight = weight_in.to(dtype).contiguous();
+  const auto logits = logits_in.to(dtype).contiguous();
+  auto d = new_output(x, dtype);
+  const int64_t batch = x.size(0), in = x.size(1), out = weight.size(0);
+  if (d.numel() == 0) {
+    return d;
+  }
+  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_entropy_delta", [&] {
+    using T = scalar_t;
+    // H(l) with the same formula as the counterfactual term, so that equal logits cancel exactly
+    auto h = at::empty_like(logits);
+    at::vec::map([](Vectorized<T> z) { return entropy(z); }, h.data_ptr<T>(), logits.data_ptr<T>(), logits.numel());
+    const T *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>(), *lp = logits.data_ptr<T>(), *hp = h.data_ptr<T>();
+    T* dp = d.data_ptr<T>();
+    // an entropy term costs an exp and a log1p: 16x a Bernoulli one
+    const int64_t block = kVecs * Vectorized<T>::size();
+    for_each_tile(batch, in, block, kRows, 16 * kRows * block * out, [&](int64_t b0, int64_t rows, int64_t i0) {
+      if (rows == kRows) {
+        entropy_tile<T, kRows>(xp, wp, lp, hp, dp, b0, i0, in, out, T(lo), T(hi));
+      } else {
+        for (int64_t r = 0; r < rows; ++r) entropy_tile<T, 1>(xp, wp, lp, hp, dp, b0 + r, i0, in, out, T(lo), T(hi));
+      }
+    });
+  });
+  return d;
+}
+
+}  // namespace
+}  // namespace hnca
+
+TORCH_LIBRARY(hnca, m) {
+  m.def("bernoulli_log_ratio(Tensor x, Tensor weight, Tensor logits, Tensor y, float lo, float hi) -> Tensor");
+  m.def("categorical_log_ratio(Tensor x, Tensor weight, Tensor logits, Tensor a, float lo, float hi) -> Tensor");
+  m.def("entropy_delta(Tensor x, Tensor weight, Tensor logits, float lo, float hi) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hnca, CPU, m) {
+  m.impl("bernoulli_log_ratio", &hnca::bernoulli_log_ratio);
+  m.impl("categorical_log_ratio", &hnca::categorical_log_ratio);
+  m.impl("entropy_delta", &hnca::entropy_delta);
+}

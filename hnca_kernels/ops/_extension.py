@@ -1,0 +1,85 @@
+"""Builds and loads the C++/CUDA extension that registers the torch ops ``hnca::*``, once.
+
+The sources (``csrc/`` at the top of the repository, installed as ``hnca_kernels/csrc``) are
+compiled on first use with ``torch.utils.cpp_extension.load`` into torch's extensions cache
+(``TORCH_EXTENSIONS_DIR`` overrides it). The CPU kernels are built for the vector instruction set
+torch itself dispatches to on this machine (AVX512, AVX2 or none); the name of the build says
+which, so machines sharing a cache do not load each other's code. The CUDA kernels are added
+only when torch sees a GPU and a CUDA toolkit is installed; ``HNCA_NO_CUDA=1`` leaves them out.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+# installed: hnca_kernels/csrc (package data); source checkout: the repository's csrc/
+_SOURCE_DIRS = (_PACKAGE / "csrc", _PACKAGE.parent / "csrc")
+
+_VECTOR_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
+def source_dir() -> Path:
+    for candidate in _SOURCE_DIRS:
+        if (candidate / "hnca_cpu.cpp").is_file():
+            return candidate
+    raise FileNotFoundError(f"hnca C++ sources not found in {' or '.join(map(str, _SOURCE_DIRS))}")
+
+
+def _cuda_toolkit() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME is not None and os.environ.get("HNCA_NO_CUDA") != "1"
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> tuple[str | None, bool]:
+    """(why the extension could not be built, or None; whether it has the CUDA kernels).
+
+    Runs once per process (cached); a failure warns once and the backends report it.
+    """
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        src = source_dir()
+        capability = torch.backends.cpu.get_cpu_capability()
+        flags = _VECTOR_FLAGS.get(capability, [])
+        sources = [str(src / "hnca_cpu.cpp")]
+        with_cuda = torch.cuda.is_available() and torch.version.cuda is not None and _cuda_toolkit()
+        if with_cuda:
+            sources.append(str(src / "hnca_cuda.cu"))
+        name = f"hnca_ops_{capability.lower()}" + ("_cuda" if with_cuda else "")
+        build(
+            name=name,
+            sources=sources,
+            extra_cflags=["-O3", "-fopenmp", *flags],
+            extra_ldflags=["-fopenmp"],
+            extra_cuda_cflags=["-O3"],
+            is_python_module=False,
+            verbose=os.environ.get("HNCA_VERBOSE_BUILD") == "1",
+        )
+        _register_fake()
+        return None, with_cuda
+    except Exception as exc:  # a failed build is a reason to fall back, said once
+        reason = f"the hnca C++ extension failed to build or load ({type(exc).__name__}: {exc})"
+        warnings.warn(f"{reason}; the 'cpp' and 'cuda' backends are unavailable, using 'reference'", stacklevel=2)
+        return reason, False
+
+
+def _register_fake() -> None:
+    """Shapes and dtypes of the ops' outputs, for torch.compile and opcheck."""
+
+    def message(x, *args):
+        return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32))
+
+    for op in ("bernoulli_log_ratio", "categorical_log_ratio", "entropy_delta"):
+        torch.library.register_fake(f"hnca::{op}", message)

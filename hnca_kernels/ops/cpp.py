@@ -1,0 +1,32 @@
+"""C++ backend: the fused CPU kernels of ``csrc/hnca_cpu.cpp`` (torch ops ``hnca::*``).
+
+Same contract as ``hnca_kernels.ops.reference``; built on first use (see ``_extension``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _extension
+
+
+def load_reason() -> str | None:
+    return _extension.load()[0]
+
+
+def unsupported_reason(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors only, got {device.type} (use 'cuda' or 'triton')"
+    return None
+
+
+def bernoulli_log_ratio(x, weight, logits, y, lo, hi):
+    return torch.ops.hnca.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
+
+
+def categorical_log_ratio(x, weight, logits, a, lo, hi):
+    return torch.ops.hnca.categorical_log_ratio(x, weight, logits, a, lo, hi)
+
+
+def entropy_delta(x, weight, logits, lo, hi):
+    return torch.ops.hnca.entropy_delta(x, weight, logits, lo, hi)

@@ -1,0 +1,38 @@
+"""CUDA backend: the kernels of ``csrc/hnca_cuda.cu``, registered for the CUDA dispatch key.
+
+Same contract as ``hnca_kernels.ops.reference``. The extension gets its CUDA part only when
+torch sees a GPU and a CUDA toolkit is installed (see ``_extension``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _extension
+
+
+def load_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    reason, with_cuda = _extension.load()
+    if reason is None and not with_cuda:
+        reason = "the hnca extension was built without its CUDA kernels (no CUDA toolkit, or HNCA_NO_CUDA=1)"
+    return reason
+
+
+def unsupported_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors only, got {device.type} (use 'cpp')"
+    return None
+
+
+def bernoulli_log_ratio(x, weight, logits, y, lo, hi):
+    return torch.ops.hnca.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
+
+
+def categorical_log_ratio(x, weight, logits, a, lo, hi):
+    return torch.ops.hnca.categorical_log_ratio(x, weight, logits, a, lo, hi)
+
+
+def entropy_delta(x, weight, logits, lo, hi):
+    return torch.ops.hnca.entropy_delta(x, weight, logits, lo, hi)

@@ -1,0 +1,166 @@
+"""Compiled backends (cpp, and cuda where a GPU is present) against the reference.
+
+Every case compares the backend with the float64 reference by ||ref - fast|| / ||ref|| on odd
+shapes, both unit codings, float32 and float64, large weights (|W| up to 10, past the chunk
+bound: the per-term log-domain path) and saturated logits (up to +-60).
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import hnca_kernels
+from hnca_kernels import backends
+from hnca_kernels import functional as Fn
+from hnca_kernels.ops import reference
+
+CODINGS = {"01": (0.0, 1.0), "pm1": (-1.0, 1.0)}
+# (B, in, out): odd sizes around the vector width and the 4-vector tiles of parents
+SHAPES = [(1, 1, 1), (7, 33, 130), (33, 257, 7), (130, 7, 257), (2, 130, 33)]
+# (weight scale, logit range): Glorot-like, moderate, saturated with large weights
+REGIMES = {"small": (0.1, 3.0), "saturated": (2.0, 60.0), "wide": (10.0, 60.0)}
+TOL = {torch.float64: 1e-11, torch.float32: 2e-5}
+
+
+def compiled_backends():
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [
+        pytest.param(name, device, id=f"{name}-{device}")
+        for device in devices
+        for name in ("cpp", "cuda")
+        if backends.is_available(name, device)
+    ]
+
+
+BACKENDS = compiled_backends()
+
+
+def rel_err(ref, out):
+    return ((ref - out.to(ref)).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def make_layer(shape, coding, regime, seed=0):
+    B, n_in, n_out = shape
+    w_scale, logit_range = REGIMES[regime]
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = CODINGS[coding]
+    x = torch.where(torch.rand(B, n_in, generator=g) < 0.5, lo, hi).double()
+    weight = torch.randn(n_out, n_in, generator=g).double() * w_scale
+    # logits anywhere in [-range, range] (a bias), not only the weights' spread
+    logits = x @ weight.t() + (torch.rand(n_out, generator=g).double() * 2 - 1) * logit_range
+    logits = logits.clamp(-logit_range, logit_range)
+    y = torch.where(torch.rand(logits.shape, generator=g) < torch.sigmoid(logits), hi, lo).double()
+    a = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
+    return x, weight, logits, y, a, (lo, hi)
+
+
+def test_a_compiled_backend_runs_on_cpu():
+    # if this fails, every comparison below was skipped: say why
+    assert backends.is_available("cpp", "cpu"), backends.unavailable_reason("cpp", "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("coding", CODINGS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_matches_reference(backend, device, shape, coding, regime, dtype, monkeypatch):
+    monkeypatch.setenv("HNCA_POISON_OUTPUTS", "1")  # outputs start as NaN: every element must be written
+    x, weight, logits, y, a, pv = make_layer(shape, coding, regime)
+    args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits)]
+    cases = {
+        "bernoulli": (reference.bernoulli_log_ratio(x, weight, logits, y, *pv),
+                      Fn.counterfactual_log_ratio(*args, y.to(device, dtype), parent_values=pv, backend=backend)),
+        "categorical": (reference.categorical_log_ratio(x, weight, logits, a, *pv),
+                        Fn.categorical_counterfactual_log_ratio(*args, a.to(device), parent_values=pv, backend=backend)),
+        "entropy": (reference.entropy_delta(x, weight, logits, *pv),
+                    Fn.counterfactual_entropy_delta(*args, parent_values=pv, backend=backend)),
+    }
+    for name, (ref, out) in cases.items():
+        assert out.dtype == dtype and out.shape == x.shape and out.device.type == device, name
+        assert torch.isfinite(out).all(), name
+        assert rel_err(ref, out.cpu()) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_saturated_children_send_tiny_messages_exactly(backend, device):
+    # every child saturated in the direction it fired: each term is ~v*(A - 1) ~ 1e-20, and the
+    # q-form keeps it to relative rounding where a running product would round it to 0
+    x, weight, _, _, _, pv = make_layer((5, 40, 20), "pm1", "small")
+    logits = torch.full((5, 20), 45.0, dtype=torch.float64) * torch.where(torch.rand(5, 20) < 0.5, 1.0, -1.0)
+    y = torch.where(logits > 0, 1.0, -1.0)
+    ref = reference.bernoulli_log_ratio(x, weight, logits, y, *pv)
+    assert 0 < ref.abs().max() < 1e-15
+    for dtype in (torch.float32, torch.float64):
+        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits, y)]
+        out = Fn.counterfactual_log_ratio(*args, parent_values=pv, backend=backend)
+        assert rel_err(ref, out.cpu()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_half_inputs_give_float32_messages(backend, device, dtype):
+    x, weight, logits, y, a, pv = make_layer((9, 37, 11), "01", "small")
+    x, weight, logits, y = (t.to(dtype) for t in (x, weight, logits, y))
+    args = [t.to(device) for t in (x, weight, logits)]
+    ref = reference.bernoulli_log_ratio(x, weight, logits, y, *pv)
+    out = Fn.counterfactual_log_ratio(*args, y.to(device), parent_values=pv, backend=backend)
+    assert out.dtype == torch.float32
+    assert rel_err(ref.double(), out.cpu()) < 1e-5
+    ref = reference.categorical_log_ratio(x, weight, logits, a, *pv)
+    out = Fn.categorical_counterfactual_log_ratio(*args, a.to(device), parent_values=pv, backend=backend)
+    assert out.dtype == torch.float32 and rel_err(ref.double(), out.cpu()) < 1e-5
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_shapes(backend, device):
+    for B, n_in, n_out in [(0, 5, 3), (4, 0, 3), (4, 5, 0)]:
+        x = torch.zeros(B, n_in, device=device)
+        weight = torch.zeros(n_out, n_in, device=device)
+        logits = torch.zeros(B, n_out, device=device)
+        out = Fn.counterfactual_log_ratio(x, weight, logits, logits, backend=backend)
+        assert out.shape == (B, n_in) and (out == 0).all()
+        assert Fn.counterfactual_entropy_delta(x, weight, logits, backend=backend).shape == (B, n_in)
+
+
+def test_ops_pass_opcheck():
+    assert backends.is_available("cpp", "cpu")
+    x, weight, logits, y, a, pv = make_layer((6, 19, 5), "pm1", "small")
+    for dtype in (torch.float32, torch.float64):
+        x_, w_, l_, y_ = (t.to(dtype) for t in (x, weight, logits, y))
+        torch.library.opcheck(torch.ops.hnca.bernoulli_log_ratio, (x_, w_, l_, y_, *pv))
+        torch.library.opcheck(torch.ops.hnca.categorical_log_ratio, (x_, w_, l_, a, *pv))
+        torch.library.opcheck(torch.ops.hnca.entropy_delta, (x_, w_, l_, *pv))
+
+
+def test_cuda_backend_says_why_it_is_unavailable_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert "no CUDA device" in backends.unavailable_reason("cuda", "cpu")
+    with pytest.raises(hnca_kernels.BackendUnavailableError, match="no CUDA device"):
+        Fn.counterfactual_entropy_delta(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, 4), backend="cuda")
+
+
+def test_build_failure_falls_back_to_reference_with_one_warning(monkeypatch):
+    from hnca_kernels.ops import _extension
+
+    def broken_build(**kwargs):
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", broken_build)
+    _extension.load.cache_clear()
+    monkeypatch.setattr(backends, "_loaded", {"reference": backends._load("reference")})
+    monkeypatch.setattr(backends, "_load_errors", {})
+    try:
+        with pytest.warns(UserWarning, match="compiler exploded") as record:
+            assert "compiler exploded" in backends.unavailable_reason("cpp", "cpu")
+            x, weight, logits, y, _, pv = make_layer((3, 4, 5), "01", "small")
+            out = Fn.counterfactual_log_ratio(x, weight, logits, y, parent_values=pv)  # automatic choice
+            Fn.counterfactual_log_ratio(x, weight, logits, y, parent_values=pv)
+        assert len([w for w in record if "compiler exploded" in str(w.message)]) == 1
+        torch.testing.assert_close(out, reference.bernoulli_log_ratio(x, weight, logits, y, *pv))
+        with pytest.raises(hnca_kernels.BackendUnavailableError, match="compiler exploded"):
+            Fn.counterfactual_log_ratio(x, weight, logits, y, parent_values=pv, backend="cpp")
+    finally:
+        _extension.load.cache_clear()  # the next load finds the real build (cached on disk)
