@@ -87,7 +87,7 @@ def _load(split: str, root, limit):
     return (x, y) if limit is None else (x[:limit], y[:limit])
 
 
-def _start(args, config, run_dir: Path):
+def _start(args, config, run_dir: Path, device: torch.device):
     """Model, optimizer, baseline, data generator and first epoch: fresh, or from the checkpoint."""
     has_state = (run_dir / common.CHECKPOINT).exists() or (run_dir / common.METRICS).exists()
     if args.resume:
@@ -102,13 +102,14 @@ def _start(args, config, run_dir: Path):
         raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
 
     common.seed_everything(args.seed)
-    model = build_model(args.layers, args.width)
+    model = build_model(args.layers, args.width).to(device)  # before the optimizer: its state follows the params
+    baseline = MovingAverageBaseline(0.99).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    baseline = MovingAverageBaseline(0.99)
     data_rng = torch.Generator().manual_seed(args.seed)
     done = 0
-    if args.resume:
-        state = common.load_checkpoint(run_dir)  # restores the global RNG too
+    # A run that died before its first checkpoint restarts from scratch (its stale lines are dropped).
+    if args.resume and (run_dir / common.CHECKPOINT).exists():
+        state = common.load_checkpoint(run_dir)  # restores the global RNG too; tensors load on the CPU and are copied to the device
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         baseline.load_state_dict(state["baseline"])
@@ -163,14 +164,12 @@ def run(args) -> int:
 
     run_dir = args.out
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_x, train_y = _load("train", args.data_dir, args.limit_train)
-    test_x, test_y = _load("test", args.data_dir, args.limit_test)
-    model, optimizer, baseline, data_rng, done = _start(args, config, run_dir)
-    model.to(device)
-    baseline.to(device)
+    model, optimizer, baseline, data_rng, done = _start(args, config, run_dir, device)
     if done >= args.epochs:
         print(f"{run_dir}: already trained for {done} epochs (--epochs {args.epochs})")
         return 0
+    train_x, train_y = _load("train", args.data_dir, args.limit_train)
+    test_x, test_y = _load("test", args.data_dir, args.limit_test)
     common.write_config(run_dir, config)
 
     batches = math.ceil(train_x.shape[0] / args.batch_size)
