@@ -1,6 +1,7 @@
 """Gradient-variance metric against brute force, and ``hnca bandit`` / ``hnca plot`` end to end."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def test_cli_end_to_end_then_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
 
 
-def test_plot_accepts_elbo_runs_and_rejects_bad_input(tmp_path):
+def test_plot_accepts_elbo_runs_and_rejects_bad_input(tmp_path, capsys):
     run = tmp_path / "vae"
     run.mkdir()
     (run / common.CONFIG).write_text(json.dumps({"estimator": "hnca", "baseline": False, "layers": 2}))
@@ -161,8 +162,11 @@ def test_plot_accepts_elbo_runs_and_rejects_bad_input(tmp_path):
     lines[-1]["test_bound"] = -118.0
     (run / common.METRICS).write_text("".join(json.dumps(m) + "\n" for m in lines))
     png = tmp_path / "vae.png"
-    main(["plot", str(run), "-o", str(png)])
+    main(["plot", str(run), "-o", str(png), "--table"])
     assert png.read_bytes()[:4] == b"\x89PNG"
+    table = capsys.readouterr().out.splitlines()
+    assert table[-3].startswith("| run | layers | epochs | train_elbo | test_bound | log grad variance |")
+    assert table[-1].split(" | ")[:6] == ["| hnca", "2", "3", "-117.0000", "-118.0000", f"{math.log(0.1 / 3):.2f}"]
     with pytest.raises(SystemExit, match="not a run directory"):
         main(["plot", str(tmp_path / "missing"), "-o", str(png)])
     with pytest.raises(SystemExit, match=".png"):

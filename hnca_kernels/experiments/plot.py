@@ -22,6 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (config.json, metrics.jsonl)")
     p.add_argument("-o", "--output", type=Path, default=Path("figure.png"), help="PNG to write (default figure.png)")
     p.add_argument("--title", default=None)
+    p.add_argument("--table", action="store_true", help="also print a markdown table of each run's final epoch")
     p.set_defaults(func=run)
 
 
@@ -113,8 +114,29 @@ def plot_runs(run_dirs, output: Path, title: str | None = None) -> Path:
     return output
 
 
+def results_table(run_dirs) -> str:
+    """Markdown table of each run's last epoch: method, depth, epochs, final metrics, mean seconds/epoch."""
+    runs = sorted((load_run(d) for d in run_dirs), key=lambda r: (r["layers"] is None, r["layers"] or 0, r["method"]))
+    keys = [k for k in ("train_accuracy", "test_accuracy", "train_elbo", "test_bound")
+            if any(k in r["metrics"][-1] for r in runs)]
+    head = ["run", "layers", "epochs", *keys, "log grad variance", "s/epoch"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        last = r["metrics"][-1]
+        seconds = [m["seconds"] for m in r["metrics"] if "seconds" in m]
+        cells = [r["method"], str(r["layers"] if r["layers"] is not None else "-"), str(last["epoch"])]
+        cells += [f"{last[k]:.4f}" if k in last else "-" for k in keys]
+        variance = last.get("grad_variance")
+        cells.append(f"{math.log(variance):.2f}" if variance else "-")
+        cells.append(f"{sum(seconds) / len(seconds):.1f}" if seconds else "-")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def run(args) -> int:
     if args.output.suffix.lower() != ".png":
         raise SystemExit(f"-o/--output must name a .png file, got {args.output}")
     print(plot_runs(args.runs, args.output, args.title))
+    if args.table:
+        print(results_table(args.runs))
     return 0
