@@ -64,6 +64,7 @@ def plot_runs(run_dirs, output: Path, title: str | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = [load_run(d) for d in run_dirs]
     depths = sorted({r["layers"] for r in runs}, key=lambda d: (d is None, d))
@@ -101,6 +102,7 @@ def plot_runs(run_dirs, output: Path, title: str | None = None) -> Path:
         right.set_ylabel("log mean gradient variance")
         right.set_title(depth_name, fontsize=9)
         for ax in (left, right):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
         left.legend(fontsize=7, loc="best")
