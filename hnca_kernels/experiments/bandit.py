@@ -178,7 +178,6 @@ def run(args) -> int:
                                          unit="batch", disable=args.no_progress, mininterval=2.0) as progress:
         for epoch in range(done + 1, args.epochs + 1):
             started = time.perf_counter()
-            model.train()
             train_acc, variance = train_epoch(model, optimizer, baseline, data_rng, train_x, train_y, args, device, progress)
             test_acc = evaluate(model, data_rng, test_x, test_y, device)
             record = {
@@ -186,7 +185,7 @@ def run(args) -> int:
                 "train_accuracy": train_acc,
                 "test_accuracy": test_acc,
                 "grad_variance": variance,
-                "log_grad_variance": math.log(variance) if variance > 0 else float("-inf"),
+                "log_grad_variance": math.log(variance) if variance > 0 else None,
                 "seconds": time.perf_counter() - started,
             }
             # Metrics first, then the checkpoint: a crash in between makes --resume redo this
@@ -197,5 +196,5 @@ def run(args) -> int:
                 "optimizer": optimizer.state_dict(), "baseline": baseline.state_dict(),
                 "data_rng": data_rng.get_state(),
             })
-            progress.set_postfix(train=f"{train_acc:.4f}", test=f"{test_acc:.4f}", logvar=f"{record['log_grad_variance']:.2f}")
+            progress.set_postfix(train=f"{train_acc:.4f}", test=f"{test_acc:.4f}", logvar=f"{record['log_grad_variance'] or 0:.2f}")
     return 0
