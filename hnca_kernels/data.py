@@ -127,6 +127,17 @@ def load_mnist(split: str = "train", root: str | os.PathLike | None = None, down
 
 
 def binarize(intensities: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Dynamic binarization: each pixel 1 with probability equal to its intensity, drawn afresh."""
-    uniform = torch.rand(intensities.shape, generator=generator, device=intensities.device)
+    """Dynamic binarization: each pixel is 1 with probability equal to its intensity, drawn afresh.
+
+    The uniforms are drawn on ``generator``'s device (so a CPU generator serves CUDA data and
+    the draws do not depend on where the data lives) and compared on the data's device.
+
+    >>> x = binarize(images, generator=torch.Generator().manual_seed(0))  # [N, 784] of 0.0 / 1.0
+    """
+    if not isinstance(intensities, torch.Tensor) or not intensities.is_floating_point():
+        raise TypeError(f"intensities must be a floating tensor, got {getattr(intensities, 'dtype', type(intensities))}")
+    if intensities.numel() and not ((intensities >= 0) & (intensities <= 1)).all():
+        raise ValueError("intensities must lie in [0, 1] (pixel values divided by 255)")
+    device = generator.device if generator is not None else intensities.device
+    uniform = torch.rand(intensities.shape, generator=generator, device=device).to(intensities.device)
     return (uniform < intensities).to(intensities.dtype)
