@@ -325,3 +325,59 @@ def test_module_layout():
     assert [(m.in_features, m.out_features) for m in vae.decoder] == [(5, 7), (5, 5), (5, 5)]
     assert vae.prior_logits.shape == (5,)
     assert vae.generate(3).shape == (3, 7)
+
+
+# ------------------------------------------------------------------ CLI end to end
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from hnca_kernels.cli import main  # noqa: E402
+
+SHARED = Path(os.environ.get("HNCA_DATA_DIR", "/work/shared/data/mnist"))
+needs_mnist = pytest.mark.skipif(not (SHARED / "t10k-labels-idx1-ubyte.gz").exists(), reason=f"no MNIST files in {SHARED}")
+
+
+def cli_vae(out, *extra, epochs=2):
+    argv = ["vae", "--layers", "2", "--hidden", "16", "--estimator", "hnca_baseline", "--limit-train", "200",
+            "--limit-test", "50", "--epochs", str(epochs), "--test-every", "1", "--test-samples", "5",
+            "--data-dir", str(SHARED), "--out", str(out), "--no-progress", "--device", "cpu", *extra]
+    assert main(argv) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_time(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@needs_mnist
+def test_cli_end_to_end_resume_and_sample(tmp_path):
+    straight = cli_vae(tmp_path / "straight")
+    assert [r["epoch"] for r in straight] == [1, 2]
+    for r in straight:
+        assert {"train_elbo", "grad_variance", "test_bound"} <= set(r)
+        assert math.isfinite(r["train_elbo"]) and r["train_elbo"] < 0 and r["grad_variance"] > 0
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert config["estimator"] == "hnca_baseline" and config["layers"] == 2
+
+    cli_vae(tmp_path / "split", epochs=1)
+    with pytest.raises(SystemExit, match="--resume"):
+        cli_vae(tmp_path / "split", epochs=2)  # an existing run is not overwritten
+    resumed = cli_vae(tmp_path / "split", "--resume", epochs=2)
+    assert without_time(resumed) == without_time(straight)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["baselines.0.value"] != 0  # the baseline state is part of the checkpoint
+
+    png = tmp_path / "digits.png"
+    assert main(["sample", str(tmp_path / "straight"), "-o", str(png), "-n", "9"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(SystemExit, match="no run to resume"):
+        main(["vae", "--out", str(tmp_path / "none"), "--resume"])
+    with pytest.raises(SystemExit):
+        main(["vae", "--estimator", "arm"])
+    with pytest.raises(SystemExit, match="not a VAE run"):
+        main(["sample", str(tmp_path)])
