@@ -216,7 +216,7 @@ def per_draw_variance(vae, x, estimator):
     return {n: second[n] - first[n] ** 2 for n in names}
 
 
-@pytest.mark.parametrize("layers", [1, 2], ids=lambda n: f"L={n}")
+@pytest.mark.parametrize("layers", [1, 2, 3], ids=lambda n: f"L={n}")
 def test_hnca_variance_below_reinforce(layers):
     vae, x = make_vae(layers, seed=3), make_x()
     v_h, v_r = per_draw_variance(vae, x, "hnca"), per_draw_variance(vae, x, "reinforce")

@@ -110,7 +110,8 @@ class BernoulliVAE(nn.Module):
     def _check_latents(self, latents, batch, name="latents", count=None) -> list[torch.Tensor]:
         count = self.num_layers if count is None else count
         if not isinstance(latents, (list, tuple)) or len(latents) != count:
-            raise ValueError(f"{name} must be a list of {count} tensors, got {type(latents).__name__}")
+            got = f"{len(latents)} items" if isinstance(latents, (list, tuple)) else type(latents).__name__
+            raise ValueError(f"{name} must be a list of {count} tensors (one per layer), got {got}")
         for k, z in enumerate(latents):
             if not isinstance(z, torch.Tensor) or z.shape != (batch, self.hidden) or z.dtype != self._dtype:
                 raise ValueError(f"{name}[{k}] must be a {self._dtype} tensor of shape {(batch, self.hidden)}")
