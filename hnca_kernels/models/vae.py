@@ -14,6 +14,12 @@ h[k+1]) the components split as in MATH.md section 3:
     green        = logp[k] + ent[k+1] (+ the prior's unit j at the top)
     mediated S_k = sum_{m>k} logp[m] + sum_{i>k+1} ent[i]      (orange + pink)
 and the layer's downstream sum is D_k = f_E - U_k.
+
+Cost: f-HNCA is one forward pass plus three counterfactual reductions per layer (linear in depth);
+REINFORCE LOO and DisARM run a pair of partial forward passes from every layer (quadratic).
+NOTE: with the reference backend the reductions dominate a step (batch 50, 200 units, 1 CPU
+thread: 287 ms for the 784-pixel decoder message, 26 ms per 200x200 log-ratio, 116 ms per
+200x200 entropy delta; a REINFORCE step is ~10 ms), so f-HNCA waits on a fused backend.
 """
 
 from __future__ import annotations
@@ -274,7 +280,11 @@ class BernoulliVAE(nn.Module):
 
     def elbo_loss(self, x: torch.Tensor, estimator: str = "hnca", **replay) -> torch.Tensor:
         """A scalar equal to -mean ELBO sample whose ``backward`` writes minus the estimate of the
-        gradient of the batch-mean ELBO into every ``.grad``. ``x``: [B, data_dim] of 0./1."""
+        gradient of the batch-mean ELBO into every ``.grad``. ``x``: [B, data_dim] of 0./1.
+
+        ``estimator``: one of ``ESTIMATORS``; ``"hnca_baseline"`` and ``"reinforce_baseline"`` read
+        and then update ``self.baselines`` (earlier batches only). With one layer there are no
+        mediated components, so ``"hnca_baseline"`` equals ``"hnca"``."""
         surrogate, f_e = self.surrogate(x, estimator, **replay)
         return (surrogate.detach() - surrogate).mean() - f_e.detach().mean()
 
