@@ -404,3 +404,17 @@ def test_hnca_finite_at_saturation_float32(estimator):
     g32 = torch.autograd.grad(s32.sum(), vae.encoder[1].weight)[0]
     g64 = torch.autograd.grad(s64.sum(), vae64.encoder[1].weight)[0]
     assert ((g32.double() - g64).norm() / g64.norm().clamp_min(1e-30)) < 1e-4
+
+
+def test_disarm_pair_has_the_antithetic_law():
+    # the sampler behind the enumerated law of test_branched_estimators_unbiased
+    vae = make_vae(1)
+    logits = torch.tensor([[-1.3, 0.0, 0.4, 2.5]], dtype=DT).expand(200000, -1)
+    a, b = vae._draw_pair(logits, "disarm")
+    p = torch.sigmoid(logits[0])
+    law = {(1, 1): (2 * p - 1).clamp_min(0), (1, 0): torch.minimum(p, 1 - p),
+           (0, 1): torch.minimum(p, 1 - p), (0, 0): (1 - 2 * p).clamp_min(0)}
+    for (va, vb), prob in law.items():
+        freq = ((a == va) & (b == vb)).to(DT).mean(0)
+        se = (prob * (1 - prob) / a.shape[0]).sqrt()
+        assert ((freq - prob).abs() <= 5 * se + 1e-12).all(), (va, vb, freq, prob)
