@@ -18,8 +18,8 @@ and the layer's downstream sum is D_k = f_E - U_k.
 Cost: f-HNCA is one forward pass plus three counterfactual reductions per layer (linear in depth);
 REINFORCE LOO and DisARM run a pair of partial forward passes from every layer (quadratic).
 NOTE: with the reference backend the reductions dominate a step (batch 50, 200 units, 1 CPU
-thread: 287 ms for the 784-pixel decoder message, 26 ms per 200x200 log-ratio, 116 ms per
-200x200 entropy delta; a REINFORCE step is ~10 ms), so f-HNCA waits on a fused backend.
+thread, median: 134 ms for the 784-pixel decoder message, 12 ms per 200x200 log-ratio, 58 ms
+per 200x200 entropy delta; a whole REINFORCE step is 4-7 ms), so f-HNCA waits on a fused backend.
 """
 
 from __future__ import annotations
