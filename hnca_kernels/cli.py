@@ -7,6 +7,7 @@ import importlib
 
 # Each module defines register(subparsers), which adds its subcommands with a handler in ``func``.
 _COMMAND_MODULES = (
+    "hnca_kernels.experiments.vae",
     "hnca_kernels.experiments.bandit",
     "hnca_kernels.experiments.plot",
 )

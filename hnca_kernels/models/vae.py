@@ -1,0 +1,341 @@
+"""A hierarchical VAE of Bernoulli 0/1 units trained with f-HNCA or a comparison estimator.
+
+Encoder q: X -> Phi_1 -> ... -> Phi_L, decoder p: Phi_L ~ p_L (learned prior) -> ... -> X.
+The integrand (paper Eq. 7) f_E = sum_l log p_l + log p_L + sum_l H(q_l) is split into one
+function component per unit. Decoder and prior get autograd's exact gradient of f_E at the
+sampled latents; each encoder layer gets a per-unit learning signal on its logits (the
+estimator's score-function part) plus autograd's direct gradient of its analytic entropy.
+
+Indexing in the code: h[0] = X, h[k] = Phi_k. encoder[k] maps h[k] to the logits of h[k+1];
+decoder[k] maps h[k+1] to the logits of h[k]; logp[k] [B, n_k] is log p_k(h[k] | h[k+1]) per
+unit, logp[L] the prior's; ent[k] [B] = H(q_{k+1}(. | h[k])). For encoder layer k (the units
+h[k+1]) the components split as in MATH.md section 3:
+    upstream U_k = sum_{m<k} logp[m] + sum_{i<=k} ent[i]        (left out)
+    green        = logp[k] + ent[k+1] (+ the prior's unit j at the top)
+    mediated S_k = sum_{m>k} logp[m] + sum_{i>k+1} ent[i]      (orange + pink)
+and the layer's downstream sum is D_k = f_E - U_k.
+
+Cost: f-HNCA is one forward pass plus three counterfactual reductions per layer (linear in depth);
+REINFORCE LOO and DisARM run a pair of partial forward passes from every layer (quadratic).
+NOTE: with the reference backend the reductions dominate a step (batch 50, 200 units, 1 CPU
+thread, median: 134 ms for the 784-pixel decoder message, 12 ms per 200x200 log-ratio, 58 ms
+per 200x200 entropy delta; a whole REINFORCE step is 4-7 ms), so f-HNCA waits on a fused backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..baseline import MovingAverageBaseline
+from ..functional import bernoulli_entropy, counterfactual_entropy_delta, counterfactual_log_ratio, hnca_logit_credit
+from ..layers import BernoulliLinear
+from ..metrics import linear_gradient_variance
+
+ESTIMATORS = ("hnca", "hnca_baseline", "reinforce", "reinforce_baseline", "reinforce_loo", "disarm")
+_BRANCHED = ("reinforce_loo", "disarm")  # these draw a pair of partial forward passes per layer
+
+
+def _log_prob_units(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """log Bernoulli(value | sigmoid(logits)) per unit, for 0/1 values."""
+    return F.logsigmoid(torch.where(value > 0, logits, -logits))
+
+
+class _Pass:
+    """Everything one forward pass computes at given latents (with autograd history)."""
+
+    def __init__(self, h, enc_logits, dec_logits, logp, ent):
+        self.h = h                    # [X, Phi_1, ..., Phi_L], detached samples
+        self.enc_logits = enc_logits  # enc_logits[k]: logits of h[k+1] given h[k]
+        self.dec_logits = dec_logits  # dec_logits[k]: logits of h[k] given h[k+1]
+        self.logp = logp              # logp[k] [B, n_k]; logp[L]: prior
+        self.ent = ent                # ent[k] [B]
+
+    def f_e(self) -> torch.Tensor:
+        return sum(lp.sum(-1) for lp in self.logp) + sum(self.ent)
+
+    def log_q(self) -> torch.Tensor:
+        return sum(_log_prob_units(l, y).sum(-1) for l, y in zip(self.enc_logits, self.h[1:]))
+
+
+class BernoulliVAE(nn.Module):
+    """Discrete hierarchical VAE with ``num_layers`` layers of ``hidden`` Bernoulli 0/1 units.
+
+    >>> vae = BernoulliVAE(2)
+    >>> opt = torch.optim.Adam(vae.parameters(), lr=1e-4)
+    >>> loss = vae.elbo_loss(x, estimator="hnca_baseline")   # x: [B, 784] of 0./1.
+    >>> opt.zero_grad(); loss.backward(); opt.step()          # loss == -mean ELBO sample
+
+    Ablations (paper Appendix K), for f-HNCA only:
+        rho_direct: credit the direct (green) components through the children too (rho applied
+            to them); still unbiased, more variance.
+        upstream: add the upstream components to the rho-weighted (mediated) sum, and for
+            REINFORCE to the layer's sum (then the full f_E); still unbiased. LOO and DisARM are
+            unaffected (upstream components cancel between the two samples).
+    """
+
+    def __init__(self, num_layers: int, hidden: int = 200, data_dim: int = 784, *, rho_direct: bool = False,
+                 upstream: bool = False, baseline_decay: float = 0.99, backend: str | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        for name, value in (("num_layers", num_layers), ("hidden", hidden), ("data_dim", data_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_layers, self.hidden, self.data_dim = num_layers, hidden, data_dim
+        self.rho_direct, self.upstream, self.backend = bool(rho_direct), bool(upstream), backend
+        sizes = [data_dim] + [hidden] * num_layers
+        self.encoder = nn.ModuleList(BernoulliLinear(sizes[k], sizes[k + 1], **factory) for k in range(num_layers))
+        self.decoder = nn.ModuleList(BernoulliLinear(sizes[k + 1], sizes[k], **factory) for k in range(num_layers))
+        self.prior_logits = nn.Parameter(torch.zeros(hidden, **factory))
+        # one per encoder layer: of S_k (hnca_baseline) or D_k (reinforce_baseline)
+        self.baselines = nn.ModuleList(MovingAverageBaseline(baseline_decay) for _ in range(num_layers))
+        self._last_signals = None
+
+    # ----------------------------------------------------------------- checks
+    @property
+    def _dtype(self):
+        return self.prior_logits.dtype
+
+    def _check_x(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != self.data_dim:
+            raise ValueError(f"x must have shape [B, {self.data_dim}], got {tuple(x.shape)}")
+        if x.dtype != self._dtype:
+            raise TypeError(f"x must have the model's dtype {self._dtype}, got {x.dtype} (binarize and cast first)")
+        if x.device != self.prior_logits.device:
+            raise ValueError(f"x is on {x.device} but the model is on {self.prior_logits.device}")
+        if not ((x == 0) | (x == 1)).all():
+            raise ValueError("x must be binary (0./1. pixels): binarize the intensities first (hnca_kernels.data.binarize)")
+
+    def _check_latents(self, latents, batch, name="latents", count=None) -> list[torch.Tensor]:
+        count = self.num_layers if count is None else count
+        if not isinstance(latents, (list, tuple)) or len(latents) != count:
+            got = f"{len(latents)} items" if isinstance(latents, (list, tuple)) else type(latents).__name__
+            raise ValueError(f"{name} must be a list of {count} tensors (one per layer), got {got}")
+        for k, z in enumerate(latents):
+            if not isinstance(z, torch.Tensor) or z.shape != (batch, self.hidden) or z.dtype != self._dtype:
+                raise ValueError(f"{name}[{k}] must be a {self._dtype} tensor of shape {(batch, self.hidden)}")
+            if not ((z == 0) | (z == 1)).all():
+                raise ValueError(f"{name}[{k}] must hold only 0. and 1.")
+        return [z.to(self.prior_logits.device) for z in latents]
+
+    # ---------------------------------------------------------------- passes
+    @staticmethod
+    def _fire(logits: torch.Tensor) -> torch.Tensor:
+        return (torch.rand_like(logits) < torch.sigmoid(logits)).to(logits.dtype)
+
+    @torch.no_grad()
+    def sample_latents(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One draw of [Phi_1, ..., Phi_L] from the encoder q(. | x)."""
+        h, latents = x, []
+        for layer in self.encoder:
+            h = self._fire(layer.logits(h))
+            latents.append(h)
+        return latents
+
+    def _evaluate(self, x: torch.Tensor, latents: Sequence[torch.Tensor]) -> _Pass:
+        h = [x, *latents]
+        L = self.num_layers
+        enc_logits = [self.encoder[k].logits(h[k]) for k in range(L)]
+        dec_logits = [self.decoder[k].logits(h[k + 1]) for k in range(L)]
+        logp = [_log_prob_units(dec_logits[k], h[k]) for k in range(L)]
+        logp.append(_log_prob_units(self.prior_logits.expand_as(h[L]), h[L]))
+        ent = [bernoulli_entropy(l).sum(-1) for l in enc_logits]
+        return _Pass(h, enc_logits, dec_logits, logp, ent)
+
+    def _downstream(self, k: int, h_k: torch.Tensor, first: torch.Tensor, deeper=None):
+        """D_k on a partial forward pass: encoder layer k set to ``first`` given h_k, deeper layers
+        replayed from ``deeper`` or sampled anew. Returns (D_k [B], trajectory [first, ...])."""
+        L = self.num_layers
+        traj = [first]
+        total = _log_prob_units(self.decoder[k].logits(first), h_k).sum(-1)
+        for m in range(k + 1, L):
+            logits = self.encoder[m].logits(traj[-1])
+            total = total + bernoulli_entropy(logits).sum(-1)
+            traj.append(self._fire(logits) if deeper is None else deeper[m - k - 1])
+            total = total + _log_prob_units(self.decoder[m].logits(traj[-1]), traj[-2]).sum(-1)
+        total = total + _log_prob_units(self.prior_logits.expand_as(traj[-1]), traj[-1]).sum(-1)
+        return total, traj
+
+    # ------------------------------------------------------------- estimators
+    def _upstream(self, p: _Pass, k: int) -> torch.Tensor:
+        return sum((p.logp[m].sum(-1) for m in range(k)), torch.zeros_like(p.ent[0])) + sum(p.ent[: k + 1])
+
+    def _hnca_signals(self, p: _Pass, use_baseline: bool):
+        L, signals = self.num_layers, []
+        f_e = p.f_e()
+        for k in range(L):
+            l, y = p.enc_logits[k].detach(), p.h[k + 1]
+            prob = torch.sigmoid(l)
+            var = prob * torch.sigmoid(-l)  # p(1-p), the derivative of p in the logit
+            # G(1) - G(0): the green components' counterfactual change per unit
+            g = counterfactual_log_ratio(y, self.decoder[k].weight.detach(), p.dec_logits[k].detach(), p.h[k],
+                                         backend=self.backend)
+            if k + 1 < L:
+                g = g + counterfactual_entropy_delta(y, self.encoder[k + 1].weight.detach(),
+                                                     p.enc_logits[k + 1].detach(), backend=self.backend)
+            else:
+                # top layer: no children, rho = 1, every component is green (the prior's unit j too)
+                signals.append(var * (g + self.prior_logits.detach()))
+                continue
+            d = counterfactual_log_ratio(y, self.encoder[k + 1].weight.detach(), p.enc_logits[k + 1].detach(),
+                                         p.h[k + 2], backend=self.backend)
+            mediated = sum(p.logp[m].sum(-1) for m in range(k + 1, L + 1)) + sum(p.ent[k + 2:], torch.zeros_like(f_e))
+            green_actual = p.logp[k].sum(-1) + p.ent[k + 1]
+            if self.upstream:
+                mediated = f_e - green_actual
+            if use_baseline:
+                mediated = mediated - self.baselines[k](mediated)
+            dec_l = p.dec_logits[k + 1].detach()
+            o1, o0 = F.logsigmoid(dec_l), F.logsigmoid(-dec_l)  # orange: o(phi) = log p_{k+1}(unit j = phi | ...)
+            common = mediated.unsqueeze(-1) - p.logp[k + 1]     # S - o(actual) (- b), per unit
+            x1, x0, direct = o1, o0, var * g
+            if self.rho_direct:
+                common = common + green_actual.unsqueeze(-1)
+                x1, x0, direct = o1 + (1 - y) * g, o0 - y * g, 0.0
+            # p(1-p)(r1 X1 - r0 X0) with p r1 = sigmoid(l + d), (1-p) r0 = sigmoid(-l - d): bounded terms
+            rho_part = (torch.sigmoid(-l) * torch.sigmoid(l + d) * x1 - prob * torch.sigmoid(-l - d) * x0
+                        + hnca_logit_credit(l, d) * common)
+            signals.append(rho_part + direct)
+        return signals
+
+    def _reinforce_signals(self, p: _Pass, use_baseline: bool):
+        f_e, signals = p.f_e(), []
+        for k in range(self.num_layers):
+            l, y = p.enc_logits[k].detach(), p.h[k + 1]
+            total = f_e if self.upstream else f_e - self._upstream(p, k)
+            if use_baseline:
+                total = total - self.baselines[k](total)
+            signals.append((y - torch.sigmoid(l)) * total.unsqueeze(-1))
+        return signals
+
+    def _draw_pair(self, logits: torch.Tensor, estimator: str):
+        if estimator == "disarm":  # antithetic: one uniform per unit
+            u, prob = torch.rand_like(logits), torch.sigmoid(logits)
+            return (u < prob).to(logits.dtype), (1 - u < prob).to(logits.dtype)
+        return self._fire(logits), self._fire(logits)
+
+    def _branched_signals(self, p: _Pass, estimator: str, branches):
+        signals = []
+        for k in range(self.num_layers):
+            l = p.enc_logits[k].detach()
+            if branches is None:
+                a, b = self._draw_pair(l, estimator)
+                f_a, traj_a = self._downstream(k, p.h[k], a)
+                f_b, traj_b = self._downstream(k, p.h[k], b)
+            else:
+                traj_a, traj_b = branches[k]
+                f_a, _ = self._downstream(k, p.h[k], traj_a[0], traj_a[1:])
+                f_b, _ = self._downstream(k, p.h[k], traj_b[0], traj_b[1:])
+                a, b = traj_a[0], traj_b[0]
+            # LOO with two samples: 1/2 sum_s score_s (f_s - f_other) = (a - b)(f_a - f_b)/2
+            signal = (a - b) * (0.5 * (f_a - f_b)).unsqueeze(-1)
+            if estimator == "disarm":  # 1/2 (f(b) - f(b~)) (-1)^b~ 1[b != b~] sigma(|l|)
+                signal = signal * torch.sigmoid(l.abs())
+            signals.append(signal)
+        return signals
+
+    def _check_branches(self, branches, batch):
+        if not isinstance(branches, (list, tuple)) or len(branches) != self.num_layers:
+            raise ValueError(f"branches must be a list of {self.num_layers} pairs of trajectories")
+        return [tuple(self._check_latents(t, batch, f"branches[{k}]", self.num_layers - k) for t in pair)
+                for k, pair in enumerate(branches)]
+
+    # ------------------------------------------------------------ public API
+    def surrogate(self, x: torch.Tensor, estimator: str = "hnca", *, latents=None, branches=None):
+        """Per-example surrogate [B] and f_E [B]: the surrogate's gradient is the estimate of grad f_E's
+        expectation for each example (decoder/prior exact, encoder by ``estimator``).
+
+        ``latents`` ([Phi_1..Phi_L], each [B, hidden]) replays the main pass; ``branches`` (LOO and
+        DisARM: per layer k a pair of trajectories [Phi_{k+1}, ..., Phi_L]) replays the partial passes.
+        """
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        self._check_x(x)
+        batch = x.shape[0]
+        latents = self.sample_latents(x) if latents is None else self._check_latents(latents, batch)
+        if branches is not None:
+            if estimator not in _BRANCHED:
+                raise ValueError(f"branches only apply to {_BRANCHED}, not {estimator!r}")
+            branches = self._check_branches(branches, batch)
+        p = self._evaluate(x, latents)
+        with torch.no_grad():
+            if estimator in ("hnca", "hnca_baseline"):
+                signals = self._hnca_signals(p, estimator == "hnca_baseline")
+            elif estimator in ("reinforce", "reinforce_baseline"):
+                signals = self._reinforce_signals(p, estimator == "reinforce_baseline")
+            else:
+                signals = self._branched_signals(p, estimator, branches)
+        self._last_signals = (p.h[: self.num_layers], [l.detach() for l in p.enc_logits], signals)
+        f_e = p.f_e()
+        # f_E carries the decoder's exact gradient and the encoder's direct entropy gradient
+        score_part = sum((l * s).sum(-1) for l, s in zip(p.enc_logits, signals))
+        return f_e + score_part, f_e
+
+    def elbo_loss(self, x: torch.Tensor, estimator: str = "hnca", **replay) -> torch.Tensor:
+        """A scalar equal to -mean ELBO sample whose ``backward`` writes minus the estimate of the
+        gradient of the batch-mean ELBO into every ``.grad``. ``x``: [B, data_dim] of 0./1.
+
+        ``estimator``: one of ``ESTIMATORS``; ``"hnca_baseline"`` and ``"reinforce_baseline"`` read
+        and then update ``self.baselines`` (earlier batches only). With one layer there are no
+        mediated components, so ``"hnca_baseline"`` equals ``"hnca"``."""
+        surrogate, f_e = self.surrogate(x, estimator, **replay)
+        return (surrogate.detach() - surrogate).mean() - f_e.detach().mean()
+
+    def gradient_variance(self) -> tuple[float, int]:
+        """Sum over encoder parameters of the per-parameter variance over the last batch's examples
+        of the per-example estimate (score part plus the direct entropy gradient), and the count."""
+        if self._last_signals is None:
+            raise RuntimeError("gradient_variance needs an elbo_loss call first")
+        total, count = 0.0, 0
+        for inputs, logits, signal in zip(*self._last_signals):
+            # dH/dl = -l p (1 - p): the direct entropy gradient per example, in the logit
+            logit_grad = signal - logits * torch.sigmoid(logits) * torch.sigmoid(-logits)
+            t, c = linear_gradient_variance(inputs, logit_grad)
+            total, count = total + float(t), count + c
+        return total, count
+
+    @torch.no_grad()
+    def elbo(self, x: torch.Tensor) -> torch.Tensor:
+        """Single-sample ELBO per example [B] (analytic entropies)."""
+        self._check_x(x)
+        return self._evaluate(x, self.sample_latents(x)).f_e()
+
+    def log_weight(self, x: torch.Tensor, latents) -> torch.Tensor:
+        """log p(x, z) - log q(z | x) per example [B] at given latents z."""
+        self._check_x(x)
+        p = self._evaluate(x, self._check_latents(latents, x.shape[0]))
+        return sum(lp.sum(-1) for lp in p.logp) - p.log_q()
+
+    @torch.no_grad()
+    def multisample_bound(self, x: torch.Tensor, k: int = 100, max_rows: int = 20000) -> torch.Tensor:
+        """k-sample importance-weighted bound log 1/k sum_i p(x, z_i)/q(z_i | x) per example [B];
+        at most ``max_rows`` (sample, example) rows are in memory at once."""
+        self._check_x(x)
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        batch = x.shape[0]
+        chunk = max(1, min(k, max_rows // max(batch, 1)))
+        acc = torch.full((batch,), -math.inf, dtype=self._dtype, device=x.device)
+        done = 0
+        while done < k:
+            c = min(chunk, k - done)
+            xs = x.repeat(c, 1)
+            lw = self.log_weight(xs, self.sample_latents(xs)).view(c, batch)
+            acc = torch.logaddexp(acc, torch.logsumexp(lw, 0))
+            done += c
+        return acc - math.log(k)
+
+    @torch.no_grad()
+    def generate(self, n: int) -> torch.Tensor:
+        """Ancestral samples: the pixel means of p_0(X | Phi_1) [n, data_dim]."""
+        h = self._fire(self.prior_logits.expand(n, self.hidden))
+        for k in range(self.num_layers - 1, 0, -1):
+            h = self._fire(self.decoder[k].logits(h))
+        return torch.sigmoid(self.decoder[0].logits(h))

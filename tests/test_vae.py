@@ -1,0 +1,420 @@
+"""The hierarchical Bernoulli VAE: every estimator's exact expectation against the exact ELBO
+gradient (enumeration in float64), variance, the bounds, bad input, and the CLI end to end."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from hnca_kernels.models import ESTIMATORS, BernoulliVAE
+
+DT = torch.float64
+PIXELS, HIDDEN = 4, 2
+SCORE_ESTIMATORS = ("hnca", "hnca_baseline", "reinforce", "reinforce_baseline")
+
+
+def make_vae(layers, seed=0, scale=1.2, **options):
+    torch.manual_seed(seed)
+    vae = BernoulliVAE(layers, hidden=HIDDEN, data_dim=PIXELS, dtype=DT, **options)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.normal_(0.0, scale)
+    return vae
+
+
+def make_x(n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, PIXELS, generator=g) < 0.5).to(DT)
+
+
+def layer_values(n=HIDDEN):
+    return [torch.tensor(c, dtype=DT) for c in itertools.product((0.0, 1.0), repeat=n)]
+
+
+def configs(num):
+    """All joint values of ``num`` hidden layers: list of lists of [HIDDEN] tensors."""
+    return [list(c) for c in itertools.product(layer_values(), repeat=num)]
+
+
+def log_q_prefix(vae, x, prefix):
+    """log q(Phi_1..Phi_k = prefix | x) for x [N, D], prefix list of [N, H]: [N]."""
+    h, total = x, torch.zeros(x.shape[0], dtype=DT)
+    for layer, z in zip(vae.encoder, prefix):
+        logits = layer.logits(h)
+        total = total + torch.nn.functional.logsigmoid(torch.where(z > 0, logits, -logits)).sum(-1)
+        h = z
+    return total
+
+
+def rows(x, per_example_configs):
+    """Stack (example, configuration) pairs into one batch: x repeated, configs broadcast."""
+    n, c = x.shape[0], len(per_example_configs)
+    xs = x.repeat_interleave(c, 0)
+    return xs, n, c
+
+
+def exact_gradient(vae, x):
+    """grad of mean_n E_q[f_E(x_n, z)] by enumerating z (autograd through q and f_E)."""
+    vae.zero_grad()
+    zs = configs(vae.num_layers)
+    xs, n, c = rows(x, zs)
+    latents = [torch.stack([z[k] for z in zs]).repeat(n, 1) for k in range(vae.num_layers)]
+    p = vae._evaluate(xs, latents)
+    (p.log_q().exp() * p.f_e()).sum().div(n).backward()
+    return {name: q.grad.clone() for name, q in vae.named_parameters()}
+
+
+def expected_estimate(vae, x, estimator):
+    """Exact expectation of the estimate (main pass enumerated), for the non-branched estimators."""
+    vae.zero_grad()
+    zs = configs(vae.num_layers)
+    xs, n, c = rows(x, zs)
+    latents = [torch.stack([z[k] for z in zs]).repeat(n, 1) for k in range(vae.num_layers)]
+    with torch.no_grad():
+        weight = log_q_prefix(vae, xs, latents).exp()
+    surrogate, _ = vae.surrogate(xs, estimator, latents=latents)
+    (weight * surrogate).sum().div(n).backward()
+    return {name: q.grad.clone() for name, q in vae.named_parameters()}
+
+
+def pair_law(vae, h_prev, estimator):
+    """Joint law of the layer pair (a, b) given the previous layer [H]: list of (a, b, prob fn)."""
+    vals = layer_values()
+    out = []
+    for a, b in itertools.product(vals, vals):
+        out.append((a, b))
+    return out
+
+
+def log_pair_prob(logits, a, b, estimator):
+    """log P(a, b) per row: independent draws (LOO) or the antithetic coupling (DisARM)."""
+    p = torch.sigmoid(logits)
+    if estimator == "reinforce_loo":
+        lp = lambda z: torch.nn.functional.logsigmoid(torch.where(z > 0, logits, -logits)).sum(-1)
+        return lp(a) + lp(b)
+    both1, both0, split = (2 * p - 1).clamp_min(0), (1 - 2 * p).clamp_min(0), torch.minimum(p, 1 - p)
+    prob = torch.where((a > 0) & (b > 0), both1, torch.where((a == 0) & (b == 0), both0, split))
+    return prob.log().sum(-1)
+
+
+def expected_branched(vae, x, estimator, k):
+    """Exact expectation of encoder layer k's gradient for LOO/DisARM: the upstream prefix
+    (Phi_1..Phi_k) enumerated, the pair of layer-(k+1) values by its law, and each branch's deeper
+    layers by q. Only encoder[k]'s gradient is meaningful (other layers' branches are fixed)."""
+    L = vae.num_layers
+    prefixes = configs(k)
+    pairs = [(a, b) for a, b in itertools.product(layer_values(), layer_values())]
+    deepers = configs(L - k - 1)
+    combos = list(itertools.product(prefixes, pairs, deepers, deepers))
+    xs, n, c = rows(x, combos)
+    stack = lambda items: torch.stack(items).repeat(n, 1)
+    zero = torch.zeros(HIDDEN, dtype=DT)
+    prefix_t = [stack([cb[0][m] for cb in combos]) for m in range(k)]
+    latents = prefix_t + [stack([zero] * c) for _ in range(L - k)]
+    a_t, b_t = stack([cb[1][0] for cb in combos]), stack([cb[1][1] for cb in combos])
+    da = [stack([cb[2][m] for cb in combos]) for m in range(L - k - 1)]
+    db = [stack([cb[3][m] for cb in combos]) for m in range(L - k - 1)]
+    branches = []
+    for m in range(L):
+        if m == k:
+            branches.append(([a_t, *da], [b_t, *db]))
+        else:
+            fixed = [stack([zero] * c) for _ in range(L - m)]
+            branches.append((fixed, fixed))
+    with torch.no_grad():
+        logw = log_q_prefix(vae, xs, prefix_t)
+        h_k = prefix_t[-1] if k else xs
+        logw = logw + log_pair_prob(vae.encoder[k].logits(h_k), a_t, b_t, estimator)
+        logw = logw + log_q_prefix_from(vae, k + 1, a_t, da) + log_q_prefix_from(vae, k + 1, b_t, db)
+    vae.zero_grad()
+    surrogate, _ = vae.surrogate(xs, estimator, latents=latents, branches=branches)
+    (logw.exp() * surrogate).sum().div(n).backward()
+    return {name: q.grad.clone() for name, q in vae.encoder[k].named_parameters()}
+
+
+def log_q_prefix_from(vae, start, h, deeper):
+    total = torch.zeros(h.shape[0], dtype=DT)
+    for layer, z in zip(list(vae.encoder)[start:], deeper):
+        logits = layer.logits(h)
+        total = total + torch.nn.functional.logsigmoid(torch.where(z > 0, logits, -logits)).sum(-1)
+        h = z
+    return total
+
+
+def set_baselines(vae, values=(3.0, -7.0, 11.0)):
+    for b, v in zip(vae.baselines, values):
+        b.value.fill_(v)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3], ids=lambda n: f"L={n}")
+@pytest.mark.parametrize("estimator", SCORE_ESTIMATORS)
+def test_score_estimators_unbiased(layers, estimator):
+    vae, x = make_vae(layers), make_x()
+    set_baselines(vae)  # a nonzero baseline state: still unbiased
+    truth = exact_gradient(vae, x)
+    assert max(t.abs().max() for t in truth.values()) > 1e-2  # the test can see a wrong gradient
+    mean = expected_estimate(vae, x, estimator)
+    for name in truth:
+        torch.testing.assert_close(mean[name], truth[name], rtol=0, atol=1e-9, msg=f"{estimator}: {name}")
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3], ids=lambda n: f"L={n}")
+@pytest.mark.parametrize("estimator", ["reinforce_loo", "disarm"])
+def test_branched_estimators_unbiased(layers, estimator):
+    vae, x = make_vae(layers, seed=2), make_x()
+    truth = exact_gradient(vae, x)
+    for k in range(layers):
+        mean = expected_branched(vae, x, estimator, k)
+        for name, value in mean.items():
+            torch.testing.assert_close(value, truth[f"encoder.{k}.{name}"], rtol=0, atol=1e-9,
+                                       msg=f"{estimator}: encoder.{k}.{name}")
+    # decoder and prior: the exact gradient of f_E at the main pass, whatever the branches
+    mean = expected_estimate(vae, x, "hnca")
+    for name in truth:
+        if not name.startswith("encoder"):
+            torch.testing.assert_close(mean[name], truth[name], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("layers", [2, 3], ids=lambda n: f"L={n}")
+@pytest.mark.parametrize("option", ["rho_direct", "upstream"])
+def test_ablations_change_the_estimate_but_stay_unbiased(layers, option):
+    x = make_x()
+    plain, ablated = make_vae(layers), make_vae(layers, **{option: True})
+    truth = exact_gradient(ablated, x)
+    for estimator in ("hnca", "hnca_baseline"):
+        set_baselines(ablated)
+        mean = expected_estimate(ablated, x, estimator)
+        for name in truth:
+            torch.testing.assert_close(mean[name], truth[name], rtol=0, atol=1e-9, msg=f"{option} {estimator}: {name}")
+    z = configs(layers)[5]
+    latents = [v.expand(x.shape[0], -1).clone() for v in z]
+    s_plain, _ = plain.surrogate(x, "hnca", latents=latents)
+    s_abl, _ = ablated.surrogate(x, "hnca", latents=latents)
+    g_plain = torch.autograd.grad(s_plain.sum(), plain.encoder[0].weight)[0]
+    g_abl = torch.autograd.grad(s_abl.sum(), ablated.encoder[0].weight)[0]
+    assert (g_plain - g_abl).abs().max() > 1e-6
+
+
+def per_draw_variance(vae, x, estimator):
+    """Exact per-example elementwise variance of the encoder's estimate: {name: [N, *shape]}."""
+    names = [n for n, _ in vae.named_parameters() if n.startswith("encoder")]
+    params = dict(vae.named_parameters())
+    first = {n: torch.zeros((x.shape[0],) + params[n].shape, dtype=DT) for n in names}
+    second = {n: torch.zeros_like(first[n]) for n in names}
+    for z in configs(vae.num_layers):
+        for i in range(x.shape[0]):
+            latents = [v.unsqueeze(0) for v in z]
+            with torch.no_grad():
+                prob = log_q_prefix(vae, x[i : i + 1], latents).exp()
+            s, _ = vae.surrogate(x[i : i + 1], estimator, latents=latents)
+            grads = torch.autograd.grad(s.sum(), [params[n] for n in names])
+            for n, g in zip(names, grads):
+                first[n][i] += prob * g
+                second[n][i] += prob * g * g
+    return {n: second[n] - first[n] ** 2 for n in names}
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3], ids=lambda n: f"L={n}")
+def test_hnca_variance_below_reinforce(layers):
+    vae, x = make_vae(layers, seed=3), make_x()
+    v_h, v_r = per_draw_variance(vae, x, "hnca"), per_draw_variance(vae, x, "reinforce")
+    strictly = 0
+    for name in v_h:
+        assert (v_h[name] <= v_r[name] + 1e-12).all(), name
+        strictly += int((v_h[name] < v_r[name] - 1e-6).sum())
+    assert strictly > 0
+
+
+def test_baseline_uses_earlier_batches_only_and_is_saved():
+    vae, x = make_vae(2), make_x()
+    s0, _ = vae.surrogate(x, "hnca_baseline")
+    first = vae.baselines[0].value.item()
+    assert first != 0.0  # folded in the first batch
+    state = vae.state_dict()
+    assert "baselines.0.value" in state and "baselines.1.value" in state
+    # the value used for a batch is the state before it: replaying with the state reset
+    # gives the same signal as the plain estimator
+    vae2 = make_vae(2)
+    z = vae.sample_latents(x)
+    s_b, _ = vae2.surrogate(x, "hnca_baseline", latents=z)
+    s_h, _ = vae2.surrogate(x, "hnca", latents=z)
+    g_b = torch.autograd.grad(s_b.sum(), vae2.encoder[0].weight)[0]
+    g_h = torch.autograd.grad(s_h.sum(), vae2.encoder[0].weight)[0]
+    torch.testing.assert_close(g_b, g_h, rtol=0, atol=1e-12)
+
+
+def test_elbo_loss_value_and_batch_mean():
+    vae, x = make_vae(2), make_x(3)
+    z = vae.sample_latents(x)
+    loss = vae.elbo_loss(x, "hnca", latents=z)
+    p = vae._evaluate(x, z)
+    torch.testing.assert_close(loss, -p.f_e().mean().detach())
+    loss.backward()
+    assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in vae.parameters())
+
+
+def exact_log_px(vae, x):
+    zs = configs(vae.num_layers)
+    out = []
+    for i in range(x.shape[0]):
+        lw = torch.stack([vae.log_weight(x[i : i + 1], [v.unsqueeze(0) for v in z])[0] for z in zs])
+        lq = torch.stack([log_q_prefix(vae, x[i : i + 1], [v.unsqueeze(0) for v in z])[0] for z in zs])
+        out.append((lw, lq))
+    return out
+
+
+def test_multisample_bound_below_log_px_and_rises_with_k():
+    vae, x = make_vae(2, seed=4), make_x()
+    with torch.no_grad():
+        tables = exact_log_px(vae, x)
+        for i, (lw, lq) in enumerate(tables):
+            log_px = torch.logsumexp(lw + lq, 0)
+            q = lq.exp()
+            # exact expectations of the k-sample bound for k = 1, 2, 3 by enumerating k-tuples
+            expected = []
+            for k in (1, 2, 3):
+                total = 0.0
+                for tup in itertools.product(range(len(q)), repeat=k):
+                    idx = torch.tensor(tup)
+                    total += q[idx].prod() * (torch.logsumexp(lw[idx], 0) - math.log(k))
+                expected.append(float(total))
+            assert expected[0] < expected[1] < expected[2] < float(log_px)
+            torch.testing.assert_close(torch.tensor(expected[0], dtype=DT), (q * lw).sum())  # k=1: the ELBO
+            # the sampler's bound (chunked: 1000 rows at a time) has the exact mean (MC, 5 standard errors)
+            draws = vae.multisample_bound(x[i : i + 1].expand(4000, -1).contiguous(), k=3, max_rows=1000)
+            se = draws.std() / math.sqrt(draws.numel())
+            assert abs(draws.mean() - expected[2]) < 5 * se + 1e-12
+            elbos = vae.elbo(x[i : i + 1].expand(4000, -1).contiguous())
+            assert abs(elbos.mean() - float((q * tables[i][0]).sum())) < 5 * elbos.std() / math.sqrt(4000)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_bad_input(estimator):
+    vae = make_vae(2)
+    x = make_x()
+    with pytest.raises(ValueError, match="shape"):
+        vae.elbo_loss(x[:, :3], estimator)
+    with pytest.raises(TypeError, match="dtype"):
+        vae.elbo_loss(x.float(), estimator)
+    with pytest.raises(ValueError, match="binary"):
+        vae.elbo_loss(x * 0.5, estimator)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        vae.elbo_loss(x.tolist(), estimator)
+    if torch.device("meta") != x.device:
+        with pytest.raises(ValueError, match="is on"):
+            vae.elbo_loss(torch.zeros(2, PIXELS, dtype=DT, device="meta"), estimator)
+
+
+def test_unknown_estimator_and_bad_arguments():
+    vae, x = make_vae(1), make_x()
+    with pytest.raises(ValueError, match="unknown estimator"):
+        vae.elbo_loss(x, "arm")
+    with pytest.raises(ValueError, match="num_layers"):
+        BernoulliVAE(0)
+    with pytest.raises(ValueError, match="k must"):
+        vae.multisample_bound(x, k=0)
+    with pytest.raises(ValueError, match="latents"):
+        vae.elbo_loss(x, "hnca", latents=[torch.full((2, HIDDEN), 0.5, dtype=DT)])
+
+
+def test_module_layout():
+    vae = BernoulliVAE(3, hidden=5, data_dim=7)
+    assert [(m.in_features, m.out_features) for m in vae.encoder] == [(7, 5), (5, 5), (5, 5)]
+    assert [(m.in_features, m.out_features) for m in vae.decoder] == [(5, 7), (5, 5), (5, 5)]
+    assert vae.prior_logits.shape == (5,)
+    assert vae.generate(3).shape == (3, 7)
+
+
+# ------------------------------------------------------------------ CLI end to end
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from hnca_kernels.cli import main  # noqa: E402
+
+SHARED = Path(os.environ.get("HNCA_DATA_DIR", "/work/shared/data/mnist"))
+needs_mnist = pytest.mark.skipif(not (SHARED / "t10k-labels-idx1-ubyte.gz").exists(), reason=f"no MNIST files in {SHARED}")
+
+
+def cli_vae(out, *extra, epochs=2):
+    argv = ["vae", "--layers", "2", "--hidden", "16", "--estimator", "hnca_baseline", "--limit-train", "200",
+            "--limit-test", "50", "--epochs", str(epochs), "--test-every", "1", "--test-samples", "5",
+            "--data-dir", str(SHARED), "--out", str(out), "--no-progress", "--device", "cpu", *extra]
+    assert main(argv) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_time(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@needs_mnist
+def test_cli_end_to_end_resume_and_sample(tmp_path):
+    straight = cli_vae(tmp_path / "straight")
+    assert [r["epoch"] for r in straight] == [1, 2]
+    for r in straight:
+        assert {"train_elbo", "grad_variance", "test_bound"} <= set(r)
+        assert math.isfinite(r["train_elbo"]) and r["train_elbo"] < 0 and r["grad_variance"] > 0
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert config["estimator"] == "hnca_baseline" and config["layers"] == 2
+
+    cli_vae(tmp_path / "split", epochs=1)
+    with pytest.raises(SystemExit, match="--resume"):
+        cli_vae(tmp_path / "split", epochs=2)  # an existing run is not overwritten
+    resumed = cli_vae(tmp_path / "split", "--resume", epochs=2)
+    assert without_time(resumed) == without_time(straight)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["baselines.0.value"] != 0  # the baseline state is part of the checkpoint
+
+    png = tmp_path / "digits.png"
+    assert main(["sample", str(tmp_path / "straight"), "-o", str(png), "-n", "9"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(SystemExit, match="no run to resume"):
+        main(["vae", "--out", str(tmp_path / "none"), "--resume"])
+    with pytest.raises(SystemExit):
+        main(["vae", "--estimator", "arm"])
+    with pytest.raises(SystemExit, match="not a VAE run"):
+        main(["sample", str(tmp_path)])
+
+
+@pytest.mark.parametrize("estimator", ["hnca", "hnca_baseline"])
+def test_hnca_finite_at_saturation_float32(estimator):
+    # logits of several hundred: a naive rho = P(children | phi) / P(children) overflows float32
+    torch.manual_seed(0)
+    vae = BernoulliVAE(3, hidden=8, data_dim=12, rho_direct=True)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.normal_(0.0, 40.0)
+    x = (torch.rand(5, 12) < 0.5).float()
+    vae.elbo_loss(x, estimator).backward()
+    for name, p in vae.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+    # and the float32 signal matches float64 at the same latents
+    vae64 = BernoulliVAE(3, hidden=8, data_dim=12, rho_direct=True, dtype=DT)
+    vae64.load_state_dict({k: v.double() for k, v in vae.state_dict().items()})
+    z = vae.sample_latents(x)
+    s32, _ = vae.surrogate(x, "hnca", latents=z)
+    s64, _ = vae64.surrogate(x.double(), "hnca", latents=[v.double() for v in z])
+    g32 = torch.autograd.grad(s32.sum(), vae.encoder[1].weight)[0]
+    g64 = torch.autograd.grad(s64.sum(), vae64.encoder[1].weight)[0]
+    assert ((g32.double() - g64).norm() / g64.norm().clamp_min(1e-30)) < 1e-4
+
+
+def test_disarm_pair_has_the_antithetic_law():
+    # the sampler behind the enumerated law of test_branched_estimators_unbiased
+    vae = make_vae(1)
+    logits = torch.tensor([[-1.3, 0.0, 0.4, 2.5]], dtype=DT).expand(200000, -1)
+    a, b = vae._draw_pair(logits, "disarm")
+    p = torch.sigmoid(logits[0])
+    law = {(1, 1): (2 * p - 1).clamp_min(0), (1, 0): torch.minimum(p, 1 - p),
+           (0, 1): torch.minimum(p, 1 - p), (0, 0): (1 - 2 * p).clamp_min(0)}
+    for (va, vb), prob in law.items():
+        freq = ((a == va) & (b == vb)).to(DT).mean(0)
+        se = (prob * (1 - prob) / a.shape[0]).sqrt()
+        assert ((freq - prob).abs() <= 5 * se + 1e-12).all(), (va, vb, freq, prob)
