@@ -216,3 +216,26 @@ def test_functional_bad_inputs():
         Fn.categorical_counterfactual_log_ratio(x, w, l, torch.full((5,), 3))
     with pytest.raises(TypeError, match="int64"):
         Fn.categorical_counterfactual_log_ratio(x, w, l, torch.zeros(5))
+
+
+def test_autocast_bfloat16_matches_float32_on_the_same_samples():
+    """Under CPU autocast the logits are bfloat16; the estimate stays close to float32's."""
+    torch.manual_seed(0)
+    net = StochasticSequential(
+        nn.Linear(12, 16), nn.Tanh(), BernoulliLinear(16, 24, centered=True), BernoulliLinear(24, 8), CategoricalLinear(8, 3)
+    )
+    x = torch.randn(64, 12)
+    action = net(x)
+    samples = [step.sample for step in net._trace]
+    reward = (action == 1).float()
+    net.surrogate_loss(reward, baseline=0.3).backward()
+    expected = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x, samples=samples)
+        assert net._trace[0].logits.dtype == torch.bfloat16
+        loss = net.surrogate_loss(reward, baseline=0.3)
+    loss.backward()
+    for (name, p), e in zip(net.named_parameters(), expected):
+        assert p.grad.dtype == torch.float32
+        assert ((p.grad - e).norm() / e.norm()).item() < 0.05, name
