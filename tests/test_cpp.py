@@ -124,6 +124,23 @@ def test_empty_shapes(backend, device):
         assert Fn.counterfactual_entropy_delta(x, weight, logits, backend=backend).shape == (B, n_in)
 
 
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_bad_parents_and_classes_raise_value_error(backend):
+    # cpp checks inside its ops (functional skips its own check for it); reference in Python
+    x, weight, logits, y, a, pv = make_layer((6, 19, 5), "pm1", "small")
+    x[3, 7] = 0.5
+    with pytest.raises(ValueError, match="only the parent values"):
+        Fn.counterfactual_log_ratio(x, weight, logits, y, parent_values=pv, backend=backend)
+    with pytest.raises(ValueError, match="only the parent values"):
+        Fn.categorical_counterfactual_log_ratio(x, weight, logits, a, parent_values=pv, backend=backend)
+    with pytest.raises(ValueError, match="only the parent values"):
+        Fn.counterfactual_entropy_delta(x, weight, logits, parent_values=pv, backend=backend)
+    x[3, 7] = pv[1]
+    with pytest.raises(ValueError, match="class indices"):
+        Fn.categorical_counterfactual_log_ratio(x, weight, logits, torch.full((6,), 5), parent_values=pv,
+                                                backend=backend)
+
 def test_ops_pass_opcheck():
     assert backends.is_available("cpp", "cpu")
     x, weight, logits, y, a, pv = make_layer((6, 19, 5), "pm1", "small")

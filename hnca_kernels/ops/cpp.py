@@ -9,6 +9,10 @@ import torch
 
 from . import _extension
 
+# The ops check that x holds only lo and hi (and, for the softmax child, the class range) and
+# raise ValueError themselves; hnca_kernels.functional then skips its own check.
+CHECKS_PARENT_VALUES = True
+
 
 def load_reason() -> str | None:
     return _extension.load()[0]
