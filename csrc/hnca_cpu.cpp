@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace hnca {
@@ -125,12 +126,17 @@ at::Tensor expm1_tables(const at::Tensor& weight, T w, int64_t block) {
   at::parallel_for(0, out, std::max<int64_t>(1, kTermsPerThread / 16 / (blocks * block)), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       for (int64_t i = 0; i < blocks * block; i += L) {
+        T* dst = tp + ((i / block) * out + j) * 2 * block + i % block;
+        if (i >= in) {  // padding past the last parent: no exp to compute
+          Vec(T(0)).store(dst);
+          Vec(T(0)).store(dst + block);
+          continue;
+        }
         const Vec c = Vec::loadu(wp + j * in + i, std::clamp<int64_t>(in - i, 0, L)) * Vec(w);
         // one expm1: with e = expm1(|c|), expm1(-|c|) = -e / (1 + e), exact where 1 + e >= 1
         const Vec e = c.abs().expm1();
         const Vec e_inv = e.neg() / (Vec(T(1)) + e);
         const Vec negative = c < Vec(T(0));
-        T* dst = tp + ((i / block) * out + j) * 2 * block + i % block;
         Vec::blendv(e, e_inv, negative).store(dst);          // expm1(+c)
         Vec::blendv(e_inv, e, negative).store(dst + block);  // expm1(-c)
       }
@@ -154,16 +160,17 @@ struct BernoulliArgs {
   T* d;                // [B, in]
 };
 
-// Adds, for ROWS examples from b0 and kVecs vectors of parents from i0, the log of the product
+// Adds, for ROWS examples from b0 and NV vectors of parents from i0, the log of the product
 // of one chunk's factors into logsum (the running sum of log(1 + delta) over children).
-template <typename T, int ROWS>
+// NV < kVecs only in the last block of parents, where the vectors past `in` would be all padding.
+template <typename T, int ROWS, int NV>
 void bernoulli_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, const Chunk& chunk, T* logsum) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   constexpr int64_t block = kVecs * L;
-  Vec is_hi[ROWS][kVecs], sum[ROWS][kVecs];
+  Vec is_hi[ROWS][NV], sum[ROWS][NV];
   for (int r = 0; r < ROWS; ++r) {
-    for (int k = 0; k < kVecs; ++k) {
+    for (int k = 0; k < NV; ++k) {
       // lanes past the row's end read 0: their tables are 0 (a factor of 1), and are not stored
       const int64_t count = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
       is_hi[r][k] = Vec::loadu(p.x + (b0 + r) * p.in + i0 + k * L, count) == Vec(p.hi);
@@ -176,7 +183,7 @@ void bernoulli_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t 
     for (int r = 0; r < ROWS; ++r) {
       const int64_t bj = (b0 + r) * p.out + j0;
       const Vec lu(p.log_u[bj]), lv(p.log_v[bj]);
-      for (int k = 0; k < kVecs; ++k) {
+      for (int k = 0; k < NV; ++k) {
         const Vec ww = Vec::loadu(row + k * L);
         const Vec log_a = p.y[bj] > 0 ? Vec::blendv(ww.neg(), ww, is_hi[r][k]) : Vec::blendv(ww, ww.neg(), is_hi[r][k]);
         const Vec other = lv + log_a;
@@ -195,7 +202,7 @@ void bernoulli_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t 
         const T* a_hi = row + (1 - fired) * block;
         const T* a_lo = row + fired * block;
         const Vec v(p.v[bj]);
-        for (int k = 0; k < kVecs; ++k) {
+        for (int k = 0; k < NV; ++k) {
           // q <- q + delta*(1 + q) with delta = v*(A - 1); sum holds q until the chunk ends
           const Vec a_m1 = Vec::blendv(Vec::loadu(a_lo + k * L), Vec::loadu(a_hi + k * L), is_hi[r][k]);
           sum[r][k] = at::vec::fmadd(a_m1, at::vec::fmadd(v, sum[r][k], v), sum[r][k]);
@@ -203,11 +210,11 @@ void bernoulli_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t 
       }
     }
     for (int r = 0; r < ROWS; ++r) {
-      for (int k = 0; k < kVecs; ++k) sum[r][k] = sum[r][k].log1p();
+      for (int k = 0; k < NV; ++k) sum[r][k] = sum[r][k].log1p();
     }
   }
   for (int r = 0; r < ROWS; ++r) {
-    for (int k = 0; k < kVecs; ++k) {
+    for (int k = 0; k < NV; ++k) {
       T* acc = logsum + (r * kVecs + k) * L;
       (Vec::loadu(acc) + sum[r][k]).store(acc);
     }
@@ -221,16 +228,26 @@ void bernoulli_task(const BernoulliArgs<T>& p, int64_t b0, int64_t rows, int64_t
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   T logsum[kRowsPerTask * kVecs * L] = {};  // [row][vector][lane]
-  int64_t j0 = 0;
-  for (int64_t c = 0; c < p.num_chunks; ++c) {
-    int64_t r = 0;
-    for (; r + kRows <= rows; r += kRows) {
-      bernoulli_chunk<T, kRows>(p, b0 + r, i0, j0, p.chunks[c], logsum + r * kVecs * L);
+  auto run = [&](auto nv) {  // nv: the vectors of this block that hold parents, as a constant
+    int64_t j0 = 0;
+    for (int64_t c = 0; c < p.num_chunks; ++c) {
+      int64_t r = 0;
+      for (; r + kRows <= rows; r += kRows) {
+        bernoulli_chunk<T, kRows, nv()>(p, b0 + r, i0, j0, p.chunks[c], logsum + r * kVecs * L);
+      }
+      for (; r < rows; ++r) {
+        bernoulli_chunk<T, 1, nv()>(p, b0 + r, i0, j0, p.chunks[c], logsum + r * kVecs * L);
+      }
+      j0 = p.chunks[c].end;
     }
-    for (; r < rows; ++r) {
-      bernoulli_chunk<T, 1>(p, b0 + r, i0, j0, p.chunks[c], logsum + r * kVecs * L);
-    }
-    j0 = p.chunks[c].end;
+  };
+  // NOTE: at in = 200 (float32, blocks of 64) the last block holds 8 parents; running its 4
+  // vectors did 256 parents' work for 200.
+  switch (std::min<int64_t>(kVecs, (p.in - i0 + L - 1) / L)) {
+    case 1: run(std::integral_constant<int, 1>()); break;
+    case 2: run(std::integral_constant<int, 2>()); break;
+    case 3: run(std::integral_constant<int, 3>()); break;
+    default: run(std::integral_constant<int, kVecs>()); break;
   }
   // d = sign * sum_j -log(factor), sign = +1 from lo and -1 from hi
   for (int64_t r = 0; r < rows; ++r) {
