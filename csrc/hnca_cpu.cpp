@@ -72,9 +72,9 @@ template <typename T>
 void check_parent_values(const at::Tensor& x, double lo, double hi) {
   const T* p = x.data_ptr<T>();
   const T l = T(lo), h = T(hi);
-  bool binary = true;
-  for (int64_t i = 0, n = x.numel(); i < n; ++i) binary &= (p[i] == l) | (p[i] == h);  // vectorises
-  TORCH_CHECK_VALUE(binary, "x must hold only the parent values (", lo, ", ", hi,
+  int64_t others = 0;  // a count, not a bool with early exit, so that the loop vectorises
+  for (int64_t i = 0, n = x.numel(); i < n; ++i) others += (p[i] != l) & (p[i] != h);
+  TORCH_CHECK_VALUE(others == 0, "x must hold only the parent values (", lo, ", ", hi,
                     ") (a layer of stochastic units); counterfactual messages are defined for binary parents");
 }
 
