@@ -486,6 +486,38 @@ at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, co
   return d;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The HNCA learning signal per unit logit (hnca_kernels.functional.hnca_logit_credit, the
+// reference): sign(d) * sigmoid(-s*l) * sigmoid(s*(l + d)) * (1 - e^-|d|), s = sign(d), in
+// one pass. NOTE: the torch expression is 14 elementwise ops; replacing them (two hidden layers
+// of 200 units, B=50) took the paper-shape training step from 3.67 to 3.54 ms (1 thread).
+
+template <typename T>
+Vectorized<T> logit_credit_vec(const Vectorized<T>& l, const Vectorized<T>& d) {
+  using Vec = Vectorized<T>;
+  const Vec one(T(1));
+  const Vec s = Vec::blendv(one, one.neg(), d < Vec(T(0)));
+  const Vec magnitude = d.abs().neg().expm1().neg();                // 1 - e^-|d|
+  const Vec posterior = (one + (s * (l + d)).neg().exp()).reciprocal();  // sigmoid(s*(l + d))
+  const Vec prior = (one + (s * l).exp()).reciprocal();                // sigmoid(-s*l)
+  return s * magnitude * posterior * prior;
+}
+
+at::Tensor logit_credit(const at::Tensor& logits_in, const at::Tensor& d_in) {
+  TORCH_CHECK(logits_in.sizes() == d_in.sizes(), "hnca: logits and d must have one shape");
+  TORCH_CHECK(logits_in.device().is_cpu() && d_in.device().is_cpu(), "hnca CPU kernel got a tensor on ",
+              logits_in.device());
+  const auto dtype = compute_type(logits_in);
+  const auto logits = logits_in.to(dtype).contiguous();
+  const auto d = d_in.to(dtype).contiguous();
+  auto out = at::empty_like(logits);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_logit_credit", [&] {
+    at::vec::map2([](Vectorized<scalar_t> l, Vectorized<scalar_t> dd) { return logit_credit_vec(l, dd); },
+                  out.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), out.numel());
+  });
+  return out.to(logits_in.scalar_type());
+}
+
 }  // namespace
 }  // namespace hnca
 
@@ -493,10 +525,12 @@ TORCH_LIBRARY(hnca, m) {
   m.def("bernoulli_log_ratio(Tensor x, Tensor weight, Tensor logits, Tensor y, float lo, float hi) -> Tensor");
   m.def("categorical_log_ratio(Tensor x, Tensor weight, Tensor logits, Tensor a, float lo, float hi) -> Tensor");
   m.def("entropy_delta(Tensor x, Tensor weight, Tensor logits, float lo, float hi) -> Tensor");
+  m.def("logit_credit(Tensor logits, Tensor d) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hnca, CPU, m) {
   m.impl("bernoulli_log_ratio", &hnca::bernoulli_log_ratio);
   m.impl("categorical_log_ratio", &hnca::categorical_log_ratio);
   m.impl("entropy_delta", &hnca::entropy_delta);
+  m.impl("logit_credit", &hnca::logit_credit);
 }

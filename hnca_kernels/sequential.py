@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .backends import get_backend
 from .functional import hnca_logit_credit
 from .layers import BernoulliLinear, CategoricalLinear
 from .metrics import linear_gradient_variance
@@ -158,6 +159,10 @@ class StochasticSequential(nn.Sequential):
         signal = self._learning_signal(reward, baseline, trace[-1].logits)
         layers = self.stochastic_layers
 
+        # the backend's fused credit where it has one (one pass instead of 14 small ops)
+        credit = hnca_logit_credit
+        if estimator == "hnca":
+            credit = getattr(get_backend(backend, trace[-1].logits.device), "logit_credit", hnca_logit_credit)
         with torch.no_grad():
             scores = []
             for k, (layer, step) in enumerate(zip(layers, trace)):
@@ -165,7 +170,7 @@ class StochasticSequential(nn.Sequential):
                 if estimator == "hnca" and k + 1 < len(layers):
                     child, below = layers[k + 1], trace[k + 1]
                     d = child.parent_log_ratio(step.sample, below.logits.detach(), below.sample, layer.values, backend)
-                    score = hnca_logit_credit(logits, d.to(logits.dtype))
+                    score = credit(logits, d.to(logits.dtype))
                 else:
                     score = layer.score(logits, step.sample)
                 # score is a fresh tensor: scale it in place

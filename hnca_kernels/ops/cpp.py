@@ -34,3 +34,8 @@ def categorical_log_ratio(x, weight, logits, a, lo, hi):
 
 def entropy_delta(x, weight, logits, lo, hi):
     return torch.ops.hnca.entropy_delta(x, weight, logits, lo, hi)
+
+
+def logit_credit(logits, d):
+    """``functional.hnca_logit_credit`` in one fused pass (the optional backend hook)."""
+    return torch.ops.hnca.logit_credit(logits, d)
