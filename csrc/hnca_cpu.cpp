@@ -168,6 +168,32 @@ struct BernoulliArgs {
   T* d;                // [B, in]
 };
 
+// log1p(q) of a chunk's product, q in [e^-4 - 1, e^4 - 1] (or NaN): the one transcendental
+// per chunk and (example, parent).
+template <typename T>
+Vectorized<T> chunk_log1p(const Vectorized<T>& q) {
+  return q.log1p();
+}
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// float32: Sleef's 3.5-ulp log of u = 1 + q with Goldberg's correction q / (u - 1) for the
+// rounding of u (exact q where u rounds to 1), in place of its 1-ulp log1p.
+// NOTE: 8.3 instead of 14.2 ns per 16 lanes, at most 4.7 ulp instead of 1.05 (measured over
+// q in [e^-4 - 1, e^4 - 1] and +-2^-k); the log1p was ~40% of a paper-shape message (perf).
+template <>
+Vectorized<float> chunk_log1p(const Vectorized<float>& q) {
+  using Vec = Vectorized<float>;
+  const Vec u = Vec(1.f) + q;
+  const Vec u_minus_1 = u - Vec(1.f);
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec log_u(Sleef_logf16_u35(u));
+#else
+  const Vec log_u(Sleef_logf8_u35(u));
+#endif
+  return Vec::blendv(log_u * q / u_minus_1, q, u_minus_1 == Vec(0.f));
+}
+#endif
+
 // Adds, for ROWS examples from b0 and NV vectors of parents from i0, the log of the product
 // of one chunk's factors into logsum (the running sum of log(1 + delta) over children).
 // NV < kVecs only in the last block of parents, where the vectors past `in` would be all padding.
@@ -218,7 +244,7 @@ void bernoulli_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t 
       }
     }
     for (int r = 0; r < ROWS; ++r) {
-      for (int k = 0; k < NV; ++k) sum[r][k] = sum[r][k].log1p();
+      for (int k = 0; k < NV; ++k) sum[r][k] = chunk_log1p(sum[r][k]);
     }
   }
   for (int r = 0; r < ROWS; ++r) {
