@@ -103,9 +103,14 @@ class BernoulliLinear(_StochasticLinear):
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         lo, hi = self.values
         with torch.no_grad():
-            fired = torch.rand_like(logits, dtype=torch.float32) < torch.sigmoid(logits.float())
+            # u < p written into u's own memory as 1.0 / 0.0 (the same draws and comparisons)
+            # NOTE: at 50 x 200, `u < p` and the bool -> float cast took 17 + 18 us, lt_ 3 us.
+            fired = torch.rand_like(logits, dtype=torch.float32).lt_(torch.sigmoid(logits.float()))
+            fired = fired.to(self.weight.dtype)
+            if (lo, hi) == (0.0, 1.0):
+                return fired
             # lo + (hi - lo) * fired: exact for both codings, cheaper than torch.where on scalars
-            return fired.to(self.weight.dtype).mul_(hi - lo).add_(lo)
+            return fired.mul_(hi - lo).add_(lo)
 
     def score(self, logits: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """d log pi(sample) / d logits = [sample fired] - sigmoid(logits)."""

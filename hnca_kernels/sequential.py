@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .backends import get_backend
 from .functional import hnca_logit_credit
 from .layers import BernoulliLinear, CategoricalLinear
 from .metrics import linear_gradient_variance
@@ -27,6 +28,26 @@ class _Step:
     inputs: torch.Tensor  # what the layer received (a detached sample, except after the trunk)
     logits: torch.Tensor  # with autograd history
     sample: torch.Tensor
+
+
+class _SurrogateLoss(torch.autograd.Function):
+    """Value -mean(R); gradient -score_k / B with respect to each layer's logits_k.
+
+    The same as ``C - sum_k (logits_k * score_k).sum() / B - mean(R)`` with C its detached value,
+    without building that graph of small ops and backward nodes.
+    NOTE: with the single finiteness check of the learning signal, the paper-shape step (B=50,
+    1 thread, CPU time) went from 3.78-3.92 to 3.67 ms.
+    """
+
+    @staticmethod
+    def forward(ctx, mean_reward, scores, *logits):
+        ctx.scores = scores
+        return mean_reward.neg()
+
+    @staticmethod
+    def backward(ctx, grad):
+        factor = grad / -ctx.scores[0].shape[0]
+        return (None, None, *(score * factor.to(score.dtype) for score in ctx.scores))
 
 
 class StochasticSequential(nn.Sequential):
@@ -138,6 +159,10 @@ class StochasticSequential(nn.Sequential):
         signal = self._learning_signal(reward, baseline, trace[-1].logits)
         layers = self.stochastic_layers
 
+        # the backend's fused credit where it has one (one pass instead of 14 small ops)
+        credit = hnca_logit_credit
+        if estimator == "hnca":
+            credit = getattr(get_backend(backend, trace[-1].logits.device), "logit_credit", hnca_logit_credit)
         with torch.no_grad():
             scores = []
             for k, (layer, step) in enumerate(zip(layers, trace)):
@@ -145,17 +170,15 @@ class StochasticSequential(nn.Sequential):
                 if estimator == "hnca" and k + 1 < len(layers):
                     child, below = layers[k + 1], trace[k + 1]
                     d = child.parent_log_ratio(step.sample, below.logits.detach(), below.sample, layer.values, backend)
-                    score = hnca_logit_credit(logits, d.to(logits.dtype))
+                    score = credit(logits, d.to(logits.dtype))
                 else:
                     score = layer.score(logits, step.sample)
-                scores.append(score * signal.to(score.dtype).view(-1, *([1] * (score.dim() - 1))))
+                # score is a fresh tensor: scale it in place
+                scores.append(score.mul_(signal.to(score.dtype).view(-1, *([1] * (score.dim() - 1)))))
+            mean_reward = reward.to(scores[-1].dtype).mean()
 
         self._logit_grads = scores
-        surrogate = sum((step.logits * score).sum() for step, score in zip(trace, scores))
-        surrogate = surrogate / signal.shape[0]
-        mean_reward = reward.detach().to(surrogate.dtype).mean()
-        # value -mean(R), gradient -(surrogate's gradient)
-        return (surrogate.detach() - surrogate) - mean_reward
+        return _SurrogateLoss.apply(mean_reward, scores, *(step.logits for step in trace))
 
     def gradient_variance(self) -> float:
         """Mean over the stochastic layers' parameters of the per-parameter variance, over the
@@ -180,17 +203,21 @@ class StochasticSequential(nn.Sequential):
             raise TypeError(f"reward must be a floating tensor, got {reward.dtype}")
         if reward.device != output_logits.device:
             raise ValueError(f"reward is on {reward.device} but the model's outputs are on {output_logits.device}")
-        if not torch.isfinite(reward).all():
-            raise ValueError("reward holds non-finite values (nan or inf)")
         reward = reward.detach()
         if isinstance(baseline, torch.Tensor):
             if baseline.shape not in ((), (batch,)):
                 raise ValueError(f"baseline must be a float or a tensor of shape [{batch}], got {tuple(baseline.shape)}")
             baseline = baseline.detach().to(reward)
-            if not torch.isfinite(baseline).all():
-                raise ValueError("baseline holds non-finite values (nan or inf)")
         elif not isinstance(baseline, (int, float)):
             raise TypeError(f"baseline must be a float or a tensor, got {type(baseline).__name__}")
         elif baseline != baseline or abs(baseline) == float("inf"):
             raise ValueError(f"baseline must be finite, got {baseline}")
-        return reward - baseline
+        signal = reward - baseline
+        # one finiteness check of the difference (one sync); on failure, say which input is bad
+        if not torch.isfinite(signal).all():
+            if not torch.isfinite(reward).all():
+                raise ValueError("reward holds non-finite values (nan or inf)")
+            if isinstance(baseline, torch.Tensor) and not torch.isfinite(baseline).all():
+                raise ValueError("baseline holds non-finite values (nan or inf)")
+            raise ValueError("reward - baseline overflows (inf)")
+        return signal

@@ -124,6 +124,39 @@ def test_empty_shapes(backend, device):
         assert Fn.counterfactual_entropy_delta(x, weight, logits, backend=backend).shape == (B, n_in)
 
 
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_bad_parents_and_classes_raise_value_error(backend):
+    # cpp checks inside its ops (functional skips its own check for it); reference in Python
+    x, weight, logits, y, a, pv = make_layer((6, 19, 5), "pm1", "small")
+    x[3, 7] = 0.5
+    with pytest.raises(ValueError, match="only the parent values"):
+        Fn.counterfactual_log_ratio(x, weight, logits, y, parent_values=pv, backend=backend)
+    with pytest.raises(ValueError, match="only the parent values"):
+        Fn.categorical_counterfactual_log_ratio(x, weight, logits, a, parent_values=pv, backend=backend)
+    with pytest.raises(ValueError, match="only the parent values"):
+        Fn.counterfactual_entropy_delta(x, weight, logits, parent_values=pv, backend=backend)
+    x[3, 7] = pv[1]
+    with pytest.raises(ValueError, match="class indices"):
+        Fn.categorical_counterfactual_log_ratio(x, weight, logits, torch.full((6,), 5), parent_values=pv,
+                                                backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_fused_logit_credit_matches_functional(dtype):
+    # awkward length (a vector tail), logits and messages from tiny to saturated, both signs, 0
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1e-6, 1e-2, 1.0, 10.0, 60.0, 300.0]).double().repeat_interleave(20)
+    logits = torch.randn(120, 7, generator=g).double() * scale[:, None]
+    d = torch.randn(120, 7, generator=g).double() * scale.flip(0)[:, None]
+    d[::9] = 0.0
+    out = torch.ops.hnca.logit_credit(logits.to(dtype), d.to(dtype))
+    ref = Fn.hnca_logit_credit(logits.to(dtype), d.to(dtype))  # what the fused op replaces
+    assert out.dtype == dtype and out.shape == ref.shape
+    # relative to rounding, except below the smallest normal number (products of tiny sigmoids)
+    torch.testing.assert_close(out, ref, rtol=TOL[dtype] * 10, atol=torch.finfo(dtype).tiny)
+    assert (out[::9] == 0).all()
+
 def test_ops_pass_opcheck():
     assert backends.is_available("cpp", "cpu")
     x, weight, logits, y, a, pv = make_layer((6, 19, 5), "pm1", "small")
@@ -132,6 +165,7 @@ def test_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.hnca.bernoulli_log_ratio, (x_, w_, l_, y_, *pv))
         torch.library.opcheck(torch.ops.hnca.categorical_log_ratio, (x_, w_, l_, a, *pv))
         torch.library.opcheck(torch.ops.hnca.entropy_delta, (x_, w_, l_, *pv))
+        torch.library.opcheck(torch.ops.hnca.logit_credit, (l_, x_ @ w_.t()))
 
 
 def test_cuda_backend_says_why_it_is_unavailable_without_a_gpu():

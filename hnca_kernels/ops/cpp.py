@@ -9,6 +9,10 @@ import torch
 
 from . import _extension
 
+# The ops check that x holds only lo and hi (and, for the softmax child, the class range) and
+# raise ValueError themselves; hnca_kernels.functional then skips its own check.
+CHECKS_PARENT_VALUES = True
+
 
 def load_reason() -> str | None:
     return _extension.load()[0]
@@ -30,3 +34,8 @@ def categorical_log_ratio(x, weight, logits, a, lo, hi):
 
 def entropy_delta(x, weight, logits, lo, hi):
     return torch.ops.hnca.entropy_delta(x, weight, logits, lo, hi)
+
+
+def logit_credit(logits, d):
+    """``functional.hnca_logit_credit`` in one fused pass (the optional backend hook)."""
+    return torch.ops.hnca.logit_credit(logits, d)
