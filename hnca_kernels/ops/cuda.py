@@ -10,6 +10,9 @@ import torch
 
 from . import _extension
 
+# The same torch ops as the cpp backend: the dispatcher runs their CUDA kernels on CUDA tensors.
+from .cpp import bernoulli_log_ratio, categorical_log_ratio, entropy_delta  # noqa: E402,F401
+
 
 def load_reason() -> str | None:
     if not torch.cuda.is_available():
@@ -24,15 +27,3 @@ def unsupported_reason(device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"the cuda backend runs on CUDA tensors only, got {device.type} (use 'cpp')"
     return None
-
-
-def bernoulli_log_ratio(x, weight, logits, y, lo, hi):
-    return torch.ops.hnca.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
-
-
-def categorical_log_ratio(x, weight, logits, a, lo, hi):
-    return torch.ops.hnca.categorical_log_ratio(x, weight, logits, a, lo, hi)
-
-
-def entropy_delta(x, weight, logits, lo, hi):
-    return torch.ops.hnca.entropy_delta(x, weight, logits, lo, hi)
