@@ -83,18 +83,26 @@ def test_matches_reference(backend, device, shape, coding, regime, dtype, monkey
         assert rel_err(ref, out.cpu()) < TOL[dtype], name
 
 
+@pytest.mark.parametrize("message", ["bernoulli", "entropy"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_saturated_children_send_tiny_messages_exactly(backend, device):
-    # every child saturated in the direction it fired: each term is ~v*(A - 1) ~ 1e-20, and the
-    # q-form keeps it to relative rounding where a running product would round it to 0
+def test_saturated_children_send_tiny_messages_exactly(backend, device, message):
+    # every child saturated (in the direction it fired): each term is ~1e-18, and the q-form
+    # (and, for the entropy, the flip to u = sigmoid(-|l|)) keeps it to relative rounding where a
+    # running product or 1 - sigmoid(|l|) would round it to 0
     x, weight, _, _, _, pv = make_layer((5, 40, 20), "pm1", "small")
     logits = torch.full((5, 20), 45.0, dtype=torch.float64) * torch.where(torch.rand(5, 20) < 0.5, 1.0, -1.0)
     y = torch.where(logits > 0, 1.0, -1.0)
-    ref = reference.bernoulli_log_ratio(x, weight, logits, y, *pv)
+    if message == "bernoulli":
+        ref = reference.bernoulli_log_ratio(x, weight, logits, y, *pv)
+    else:
+        ref = reference.entropy_delta(x, weight, logits, *pv)
     assert 0 < ref.abs().max() < 1e-15
     for dtype in (torch.float32, torch.float64):
-        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits, y)]
-        out = Fn.counterfactual_log_ratio(*args, parent_values=pv, backend=backend)
+        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits)]
+        if message == "bernoulli":
+            out = Fn.counterfactual_log_ratio(*args, y.to(device, dtype), parent_values=pv, backend=backend)
+        else:
+            out = Fn.counterfactual_entropy_delta(*args, parent_values=pv, backend=backend)
         assert rel_err(ref, out.cpu()) < TOL[dtype]
 
 
