@@ -42,7 +42,9 @@ _BRANCHED = ("reinforce_loo", "disarm")  # these draw a pair of partial forward 
 
 def _log_prob_units(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """log Bernoulli(value | sigmoid(logits)) per unit, for 0/1 values."""
-    return F.logsigmoid(torch.where(value > 0, logits, -logits))
+    # NOTE: one fused op and backward; logsigmoid(where(value > 0, l, -l)) cost ~1.4 ms of a
+    # 10.7 ms two-layer f-HNCA step (batch 50, 1 thread) in where's forward and backward
+    return F.binary_cross_entropy_with_logits(logits, value, reduction="none").neg()
 
 
 class _Pass:
