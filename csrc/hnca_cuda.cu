@@ -137,10 +137,10 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
   const auto v = at::sigmoid(-sl).contiguous();
   const auto log_u = at::log_sigmoid(sl).contiguous(), log_v = at::log_sigmoid(-sl).contiguous();
   const double w = hi - lo;
-  const auto bound = (weight.abs().amax(1) * w).contiguous();
   auto d = new_output(x, dtype);
   const int64_t batch = x.size(0), in = x.size(1), out = weight.size(0);
-  if (d.numel() == 0) return d;
+  if (d.numel() == 0) return d;  // before amax, which rejects an empty row
+  const auto bound = (weight.abs().amax(1) * w).contiguous();
   AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_bernoulli_log_ratio_cuda", [&] {
     bernoulli_kernel<scalar_t><<<grid_for(batch, in), dim3(kParents, kExamples), 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), fired.data_ptr<bool>(), v.data_ptr<scalar_t>(),
