@@ -201,7 +201,7 @@ if triton is not None:
             wt = tl.load(w_ptr + outs[None, :] * IN + ks[:, None], mask=k_ok[:, None] & out_ok[None, :], other=0.0)
             if UPCAST:
                 xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION, out_dtype=ACC_T)
         if HAS_BIAS:
             acc += tl.load(b_ptr + outs, mask=out_ok, other=0.0).to(ACC_T)[None, :]
         logits = acc.to(logits_ptr.dtype.element_ty)
