@@ -77,7 +77,12 @@ void for_each_tile(int64_t batch, int64_t in, int64_t block, int64_t rows_per_ti
 }
 
 // The messages are defined for binary parents: every x must be lo or hi. Checked here, in one
-// pass over x, rather than in Python (the ops read x anyway).
+// pass over x, rather than in Python (the ops read x anyway). Bad values raise c10::Error
+// (RuntimeError) with a message of literals only, which hnca_kernels/ops/cpp.py turns into a
+// ValueError naming the values.
+// NOTE: on the H100 machine (torch 2.11, CUDA and CPU-only builds alike) an error whose message
+// formats numbers (c10::str through an ostringstream) crashed the process, ValueError or not;
+// literal-only messages, like the shape checks', were raised as usual.
 // NOTE: the Python check ((x == lo) | (x == hi)).all() took ~0.14 ms per call at B=50, in=200,
 // a quarter of the message itself (1 thread).
 template <typename T>
@@ -86,8 +91,7 @@ void check_parent_values(const at::Tensor& x, double lo, double hi) {
   const T l = T(lo), h = T(hi);
   int64_t others = 0;  // a count, not a bool with early exit, so that the loop vectorises
   for (int64_t i = 0, n = x.numel(); i < n; ++i) others += (p[i] != l) & (p[i] != h);
-  TORCH_CHECK_VALUE(others == 0, "x must hold only the parent values (", lo, ", ", hi,
-                    ") (a layer of stochastic units); counterfactual messages are defined for binary parents");
+  TORCH_CHECK(others == 0, "x must hold only the parent values (a layer of stochastic units)");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -449,7 +453,7 @@ at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weigh
   const int64_t* ap = a.data_ptr<int64_t>();
   bool in_range = true;
   for (int64_t b = 0; b < a.numel(); ++b) in_range &= ap[b] >= 0 && ap[b] < classes;
-  TORCH_CHECK_VALUE(in_range, "a must hold class indices in [0, ", classes, ")");
+  TORCH_CHECK(in_range, "a must hold class indices in [0, classes)");
   if (d.numel() == 0) {
     return d;
   }

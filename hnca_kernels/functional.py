@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from .backends import get_backend
+from .ops import bad_parent_values
 
 __all__ = [
     "counterfactual_log_ratio",
@@ -64,10 +65,7 @@ def _backend_for_parents(backend, x, lo, hi):
     """
     impl = get_backend(backend, x.device)
     if not getattr(impl, "CHECKS_PARENT_VALUES", False) and x.numel() and not ((x == lo) | (x == hi)).all():
-        raise ValueError(
-            f"x must hold only the parent values {(lo, hi)} (a layer of stochastic units); "
-            "counterfactual messages are defined for binary parents"
-        )
+        raise bad_parent_values(lo, hi)
     return impl
 
 

@@ -7,11 +7,22 @@ from __future__ import annotations
 
 import torch
 
-from . import _extension
+from . import _extension, bad_parent_values
 
-# The ops check that x holds only lo and hi (and, for the softmax child, the class range) and
-# raise ValueError themselves; hnca_kernels.functional then skips its own check.
+# The ops check that x holds only lo and hi (and, for the softmax child, the class range);
+# hnca_kernels.functional then skips its own check.
 CHECKS_PARENT_VALUES = True
+
+def _call(op, *args, lo, hi, classes=None):
+    """op(*args), its bad-value errors (RuntimeError with a fixed text) raised as ValueError."""
+    try:
+        return op(*args)
+    except RuntimeError as exc:
+        if "must hold only the parent values" in str(exc):
+            raise bad_parent_values(lo, hi) from None
+        if "must hold class indices" in str(exc):
+            raise ValueError(f"a must hold class indices in [0, {classes})") from None
+        raise
 
 
 def load_reason() -> str | None:
@@ -25,15 +36,16 @@ def unsupported_reason(device: torch.device) -> str | None:
 
 
 def bernoulli_log_ratio(x, weight, logits, y, lo, hi):
-    return torch.ops.hnca.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
+    return _call(torch.ops.hnca.bernoulli_log_ratio, x, weight, logits, y, lo, hi, lo=lo, hi=hi)
 
 
 def categorical_log_ratio(x, weight, logits, a, lo, hi):
-    return torch.ops.hnca.categorical_log_ratio(x, weight, logits, a, lo, hi)
+    return _call(torch.ops.hnca.categorical_log_ratio, x, weight, logits, a, lo, hi, lo=lo, hi=hi,
+                 classes=weight.shape[0])
 
 
 def entropy_delta(x, weight, logits, lo, hi):
-    return torch.ops.hnca.entropy_delta(x, weight, logits, lo, hi)
+    return _call(torch.ops.hnca.entropy_delta, x, weight, logits, lo, hi, lo=lo, hi=hi)
 
 
 def logit_credit(logits, d):
