@@ -62,6 +62,10 @@ def pytest_terminal_summary(terminalreporter):
     for backend in ("cpp", "reference", "triton", "cuda"):
         write(f"| message {backend} / gemm (B=256, 1024x1024) | "
               f"{_ratio(f'message/{backend}/scale', 'gemm/scale')} |")
+    for backend in ("triton", "cuda"):
+        if f"message/{backend}/gpu" in _medians:
+            write(f"| message {backend} / gemm (B=4096, 4096x4096) | "
+                  f"{_ratio(f'message/{backend}/gpu', 'gemm/gpu')} |")
     for shape in ("paper", "scale", "gpu"):
         for backend in ("cpp", "reference", "triton", "cuda"):
             key = f"step/{backend}/{shape}"
