@@ -94,6 +94,27 @@ void check_parent_values(const at::Tensor& x, double lo, double hi) {
   TORCH_CHECK(others == 0, "x must hold only the parent values (a layer of stochastic units)");
 }
 
+// A message op's inputs in its compute type (float32, or float64), contiguous, and its output
+// d [B, in]; the parents checked where there is anything to compute.
+struct MessageInputs {
+  at::Tensor x, weight, logits, d;
+  int64_t batch, in, out;
+};
+
+MessageInputs prepare_message(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
+                              double lo, double hi) {
+  check_inputs(x_in, weight_in, logits_in);
+  TORCH_CHECK(x_in.device().is_cpu(), "hnca CPU kernel got a tensor that is not on the CPU");
+  const auto dtype = compute_type(logits_in);
+  const auto x = x_in.to(dtype).contiguous();
+  MessageInputs m{x, weight_in.to(dtype).contiguous(), logits_in.to(dtype).contiguous(), new_output(x, dtype),
+                  x.size(0), x.size(1), weight_in.size(0)};
+  if (m.d.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_check_parent_values", [&] { check_parent_values<scalar_t>(x, lo, hi); });
+  }
+  return m;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bernoulli children.
 
@@ -342,21 +363,15 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
 
 at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
                                const at::Tensor& y, double lo, double hi) {
-  check_inputs(x_in, weight_in, logits_in);
-  TORCH_CHECK(x_in.device().is_cpu(), "hnca CPU kernel got a tensor on ", x_in.device());
-  const auto dtype = compute_type(logits_in);
-  const auto x = x_in.to(dtype).contiguous();
-  const auto weight = weight_in.to(dtype).contiguous();
-  const auto logits = logits_in.to(dtype).contiguous();
-  const auto y_ = y.to(dtype).contiguous();
-  auto d = new_output(x, dtype);
-  const int64_t batch = x.size(0), in = x.size(1), out = weight.size(0);
+  const MessageInputs m = prepare_message(x_in, weight_in, logits_in, lo, hi);
+  const at::Tensor &x = m.x, &weight = m.weight, &logits = m.logits, &d = m.d;
+  const int64_t batch = m.batch, in = m.in, out = m.out;
   if (d.numel() == 0) {
     return d;
   }
-  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_check_parent_values", [&] { check_parent_values<scalar_t>(x, lo, hi); });
+  const auto y_ = y.to(logits.scalar_type()).contiguous();
   const double w = hi - lo;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_bernoulli_log_ratio", [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "hnca_bernoulli_log_ratio", [&] {
     using T = scalar_t;
     const auto chunks = plan_chunks<T>(weight, w);
     const bool any_wide = std::any_of(chunks.begin(), chunks.end(), [](const Chunk& c) { return c.wide; });
@@ -439,16 +454,11 @@ void categorical_rows(const T* x, const T* weight, const T* logits, const int64_
 
 at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
                                  const at::Tensor& a_in, double lo, double hi) {
-  check_inputs(x_in, weight_in, logits_in);
-  TORCH_CHECK(x_in.device().is_cpu(), "hnca CPU kernel got a tensor on ", x_in.device());
   TORCH_CHECK(a_in.dim() == 1 && a_in.size(0) == x_in.size(0), "hnca: a must have shape [B]");
-  const auto dtype = compute_type(logits_in);
-  const auto x = x_in.to(dtype).contiguous();
-  const auto weight = weight_in.to(dtype).contiguous();
-  const auto logits = logits_in.to(dtype).contiguous();
+  const MessageInputs m = prepare_message(x_in, weight_in, logits_in, lo, hi);
+  const at::Tensor &x = m.x, &weight = m.weight, &logits = m.logits, &d = m.d;
+  const int64_t batch = m.batch, in = m.in, classes = m.out;
   const auto a = a_in.to(at::kLong).contiguous();
-  auto d = new_output(x, dtype);
-  const int64_t batch = x.size(0), in = x.size(1), classes = weight.size(0);
   // the kernel indexes weight and logits by a: check it here (the cpp backend skips the Python check)
   const int64_t* ap = a.data_ptr<int64_t>();
   bool in_range = true;
@@ -457,8 +467,7 @@ at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weigh
   if (d.numel() == 0) {
     return d;
   }
-  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_check_parent_values", [&] { check_parent_values<scalar_t>(x, lo, hi); });
-  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_categorical_log_ratio", [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "hnca_categorical_log_ratio", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     const scalar_t* lp = logits.data_ptr<scalar_t>();
@@ -589,20 +598,14 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
 
 at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
                          double lo, double hi) {
-  check_inputs(x_in, weight_in, logits_in);
-  TORCH_CHECK(x_in.device().is_cpu(), "hnca CPU kernel got a tensor on ", x_in.device());
-  const auto dtype = compute_type(logits_in);
-  const auto x = x_in.to(dtype).contiguous();
-  const auto weight = weight_in.to(dtype).contiguous();
-  const auto logits = logits_in.to(dtype).contiguous();
-  auto d = new_output(x, dtype);
-  const int64_t batch = x.size(0), in = x.size(1), out = weight.size(0);
+  const MessageInputs m = prepare_message(x_in, weight_in, logits_in, lo, hi);
+  const at::Tensor &x = m.x, &weight = m.weight, &logits = m.logits, &d = m.d;
+  const int64_t batch = m.batch, in = m.in, out = m.out;
   if (d.numel() == 0) {
     return d;
   }
-  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_check_parent_values", [&] { check_parent_values<scalar_t>(x, lo, hi); });
   const double w = hi - lo;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_entropy_delta", [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "hnca_entropy_delta", [&] {
     using T = scalar_t;
     using Vec = Vectorized<T>;
     constexpr int L = Vec::size();
