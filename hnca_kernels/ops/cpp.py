@@ -13,6 +13,7 @@ from . import _extension, bad_parent_values
 # hnca_kernels.functional then skips its own check.
 CHECKS_PARENT_VALUES = True
 
+
 def _call(op, *args, lo, hi, classes=None):
     """op(*args), its bad-value errors (RuntimeError with a fixed text) raised as ValueError."""
     try:
