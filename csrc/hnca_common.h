@@ -30,6 +30,10 @@ inline at::Tensor new_output(const at::Tensor& x, at::ScalarType dtype) {
   return out;
 }
 
+// Error messages here and in the kernels are string literals only, never formatted values.
+// NOTE: on the H100 machine (torch 2.11, CUDA and CPU-only builds alike) a TORCH_CHECK whose
+// message formatted numbers (c10::str through an ostringstream) crashed the process instead of
+// raising; literal-only messages were raised as usual. Python adds the values where needed.
 inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& logits) {
   TORCH_CHECK(x.device() == weight.device() && x.device() == logits.device(),
               "hnca: x, weight and logits must be on one device");

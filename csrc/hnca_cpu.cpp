@@ -77,12 +77,9 @@ void for_each_tile(int64_t batch, int64_t in, int64_t block, int64_t rows_per_ti
 }
 
 // The messages are defined for binary parents: every x must be lo or hi. Checked here, in one
-// pass over x, rather than in Python (the ops read x anyway). Bad values raise c10::Error
-// (RuntimeError) with a message of literals only, which hnca_kernels/ops/cpp.py turns into a
+// pass over x, rather than in Python (the ops read x anyway). A bad value raises c10::Error
+// (RuntimeError, its text fixed: see hnca_common.h), which hnca_kernels/ops/cpp.py turns into a
 // ValueError naming the values.
-// NOTE: on the H100 machine (torch 2.11, CUDA and CPU-only builds alike) an error whose message
-// formats numbers (c10::str through an ostringstream) crashed the process, ValueError or not;
-// literal-only messages, like the shape checks', were raised as usual.
 // NOTE: the Python check ((x == lo) | (x == hi)).all() took ~0.14 ms per call at B=50, in=200,
 // a quarter of the message itself (1 thread).
 template <typename T>
@@ -657,8 +654,8 @@ Vectorized<T> logit_credit_vec(const Vectorized<T>& l, const Vectorized<T>& d) {
 
 at::Tensor logit_credit(const at::Tensor& logits_in, const at::Tensor& d_in) {
   TORCH_CHECK(logits_in.sizes() == d_in.sizes(), "hnca: logits and d must have one shape");
-  TORCH_CHECK(logits_in.device().is_cpu() && d_in.device().is_cpu(), "hnca CPU kernel got a tensor on ",
-              logits_in.device());
+  TORCH_CHECK(logits_in.device().is_cpu() && d_in.device().is_cpu(),
+              "hnca CPU kernel got a tensor that is not on the CPU");
   const auto dtype = compute_type(logits_in);
   const auto logits = logits_in.to(dtype).contiguous();
   const auto d = d_in.to(dtype).contiguous();

@@ -19,9 +19,10 @@ def _call(op, *args, lo, hi, classes=None):
     try:
         return op(*args)
     except RuntimeError as exc:
-        if "must hold only the parent values" in str(exc):
+        message = str(exc)
+        if "must hold only the parent values" in message:
             raise bad_parent_values(lo, hi) from None
-        if "must hold class indices" in str(exc):
+        if "must hold class indices" in message:
             raise ValueError(f"a must hold class indices in [0, {classes})") from None
         raise
 
