@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hnca_kernels import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential
+from hnca_kernels import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential, record
 from hnca_kernels import functional as Fn
 from hnca_kernels.backends import is_available
 
@@ -62,10 +62,11 @@ def batch(shape, device):
 
 
 def hnca_step(net, opt, baseline, x, label, backend):
-    action = net(x)
+    with record() as rec:
+        action = net(x)
     reward = (action == label).float()
     opt.zero_grad(set_to_none=True)
-    net.surrogate_loss(reward, baseline=baseline(reward), backend=backend).backward()
+    rec.surrogate_loss(reward, baseline=baseline(reward), backend=backend).backward()
     opt.step()
 
 

@@ -4,9 +4,13 @@ from . import functional
 from .backends import BackendUnavailableError, available_backends, use_backend
 from .baseline import MovingAverageBaseline
 from .layers import BernoulliLinear, CategoricalLinear
+from .record import Record, StochasticCall, record
 from .sequential import StochasticSequential
 
 __all__ = [
+    "record",
+    "Record",
+    "StochasticCall",
     "BernoulliLinear",
     "CategoricalLinear",
     "StochasticSequential",

@@ -85,16 +85,25 @@ def get_backend(name: str | None, device: torch.device) -> ModuleType:
     ``name=None`` takes the ``use_backend`` default, else the fastest available one.
     A backend asked for by name that cannot run raises ``BackendUnavailableError``.
     """
-    name = name if name is not None else _default.get()
+    return _loaded[_choose(name if name is not None else _default.get(), device.type)]
+
+
+@torch.compiler.assume_constant_result
+def _choose(name: str | None, device_type: str) -> str:
+    """The name of the backend to use (loaded), for a name or None on a device type.
+
+    torch.compile runs it once while tracing and keeps its answer, so the imports and the build
+    behind a backend's first use are never traced.
+    """
     if name is None:
-        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if is_available(candidate, device):
-                return _loaded[candidate]
+        for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
+            if is_available(candidate, device_type):
+                return candidate
         name = "reference"
-    reason = unavailable_reason(name, device)
+    reason = unavailable_reason(name, device_type)
     if reason is not None:
-        raise BackendUnavailableError(f"backend {name!r} is not available on {device.type}: {reason}")
-    return _loaded[name]
+        raise BackendUnavailableError(f"backend {name!r} is not available on {device_type}: {reason}")
+    return name
 
 
 @contextlib.contextmanager

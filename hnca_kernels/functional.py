@@ -22,6 +22,7 @@ __all__ = [
     "hnca_credit",
     "hnca_logit_credit",
     "bernoulli_entropy",
+    "categorical_parent_log_ratio",
 ]
 
 
@@ -161,3 +162,49 @@ def hnca_logit_credit(logits: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     magnitude = d.abs().neg_().expm1_().neg_()  # 1 - e^-|d|
     posterior = (logits + d).mul_(sign).sigmoid_()
     return posterior.mul_((logits * sign).neg_().sigmoid_()).mul_(magnitude).mul_(sign)
+
+
+def categorical_parent_log_ratio(a, weight, logits, y, *, backend=None):
+    """Message from children to categorical parents that feed them one-hot (categorical hidden units).
+
+    Args:
+        a: the parents' classes [B, V] (int64): V variables of K classes, fed to the children as
+            one-hot columns v*K .. v*K + K - 1.
+        weight: the children's weight columns of those inputs, [out, V*K].
+        logits: the children's logits [B, out].
+        y: Bernoulli children's samples [B, out] (floats; fired where > 0), or one softmax child's
+            sampled classes [B] (int64; then ``weight`` is [K_child, V*K] and ``logits`` [B, K_child]).
+
+    Returns:
+        D [B, V, K] with D[b, v, k] = log P(children | variable v := k) - log P(children | actual);
+        D[b, v, a[b, v]] = 0. The credit of class k is then softmax(l + D) - softmax(l).
+
+    Variable v switched to class k moves the child logits by W[:, vK+k] - W[:, vK+a]: from the
+    logits with variable v switched off (l - W[:, vK+a]), that is the message of K binary parents
+    at 0 set to 1, so every backend's binary-parent kernel computes it (one call per variable).
+    """
+    for name, t in (("a", a), ("weight", weight), ("logits", logits), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if a.dim() != 2 or a.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"a must hold classes [B, V] (int64), got {a.dtype} of shape {tuple(a.shape)}")
+    batch, variables = a.shape
+    if weight.dim() != 2 or weight.shape[1] % variables:
+        raise ValueError(f"weight must be [out, V*K] with V = {variables}, got {tuple(weight.shape)}")
+    classes = weight.shape[1] // variables
+    if torch.compiler.is_compiling() or a.device.type != "cpu":  # no host synchronisation
+        torch._assert_async(((a >= 0) & (a < classes)).all(), "hnca: a must hold class indices in range")
+    elif a.numel() and (a.min() < 0 or a.max() >= classes):
+        raise ValueError(f"a must hold class indices in [0, {classes})")
+    a = a.long()
+    zeros = logits.new_zeros(batch, classes)
+    out = []
+    for v in range(variables):
+        w = weight[:, v * classes:(v + 1) * classes]
+        base = logits - w.t()[a[:, v]]  # the child logits with variable v switched off
+        if y.is_floating_point():
+            d = counterfactual_log_ratio(zeros, w, base, y, parent_values=(0.0, 1.0), backend=backend)
+        else:
+            d = categorical_counterfactual_log_ratio(zeros, w, base, y, parent_values=(0.0, 1.0), backend=backend)
+        out.append(d - d.gather(1, a[:, v:v + 1]))
+    return torch.stack(out, 1)

@@ -1,223 +1,186 @@
-"""StochasticSequential: a network of stochastic layers trained by HNCA or REINFORCE.
+"""StochasticSequential: ``nn.Sequential`` for chains of stochastic layers.
 
-The forward pass samples every stochastic layer and keeps its logits. ``surrogate_loss``
-then runs a no-grad message pass (each layer's children send it the counterfactual
-log-ratio d), turns d into the bounded learning signal sigmoid(l + d) - sigmoid(l) per unit,
-and returns ``-mean_b sum_k <logits_k, stopgrad(signal_k)> * (R - baseline)`` so that
-``loss.backward()`` writes the estimate into every ``.grad`` (deterministic trunk included).
+It is an ordinary module: record its forward like any other and train it from the record,
+
+    with hnca_kernels.record() as rec:
+        action = net(x)
+    rec.surrogate_loss(reward, baseline=b).backward()
+
+``net.surrogate_loss(reward)`` (the API before ``record``) still works and is deprecated: it uses
+the samples of the net's last forward, kept outside the module, and raises when the net ran more
+than once since (it could not tell which forward a reward belongs to).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+import weakref
 
 import torch
 import torch.nn as nn
 
-from .backends import get_backend
-from .functional import hnca_logit_credit
 from .layers import BernoulliLinear, CategoricalLinear
-from .metrics import linear_gradient_variance
+from .record import Record, active_records
 
-ESTIMATORS = ("hnca", "reinforce")
 _STOCHASTIC = (BernoulliLinear, CategoricalLinear)
 
-
-@dataclass
-class _Step:
-    inputs: torch.Tensor  # what the layer received (a detached sample, except after the trunk)
-    logits: torch.Tensor  # with autograd history
-    sample: torch.Tensor
-
-
-class _SurrogateLoss(torch.autograd.Function):
-    """Value -mean(R); gradient -score_k / B with respect to each layer's logits_k.
-
-    The same as ``C - sum_k (logits_k * score_k).sum() / B - mean(R)`` with C its detached value,
-    without building that graph of small ops and backward nodes.
-    NOTE: with the single finiteness check of the learning signal, the paper-shape step (B=50,
-    1 thread, CPU time) went from 3.78-3.92 to 3.67 ms.
-    """
-
-    @staticmethod
-    def forward(ctx, mean_reward, scores, *logits):
-        ctx.scores = scores
-        return mean_reward.neg()
-
-    @staticmethod
-    def backward(ctx, grad):
-        factor = grad / -ctx.scores[0].shape[0]
-        return (None, None, *(score * factor.to(score.dtype) for score in ctx.scores))
+# Deprecated surrogate_loss: per net, [forwards since its last surrogate_loss, that forward's
+# record or why there is none]. Outside the module, so deepcopy and pickling never see a batch.
+_LAST_FORWARD: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
 class StochasticSequential(nn.Sequential):
-    """Like ``nn.Sequential``: optional deterministic modules, then stochastic layers.
+    """Like ``nn.Sequential``; its stochastic layers (``BernoulliLinear``, ``CategoricalLinear``) may
+    follow ordinary modules (a trunk trained by backprop through the logits) and each other.
 
-    The first stochastic layer may follow ordinary modules (a trunk trained by backprop
-    through its firing probability); after it every module is a ``BernoulliLinear``, and the
-    last one (``BernoulliLinear`` or ``CategoricalLinear``) is the output unit.
+    Checked whenever the sequence changes: it holds a stochastic layer, each stochastic layer that
+    follows another takes that one's width, and only a one-hot ``CategoricalLinear`` feeds a
+    following stochastic layer.
 
     >>> net = StochasticSequential(BernoulliLinear(784, 200, centered=True), CategoricalLinear(200, 10))
-    >>> action = net(x)
-    >>> net.surrogate_loss((action == label).double()).backward()
+    >>> with hnca_kernels.record() as rec:
+    ...     action = net(x)
+    >>> rec.surrogate_loss((action == label).float()).backward()
     """
 
     def __init__(self, *modules: nn.Module):
         super().__init__(*modules)
-        kinds = [isinstance(m, _STOCHASTIC) for m in self]
-        if not any(kinds):
+        self._validate()
+
+    def _validate(self) -> None:
+        modules = list(self)
+        if not any(isinstance(m, _STOCHASTIC) for m in modules):
             raise ValueError("StochasticSequential needs at least one BernoulliLinear or CategoricalLinear")
-        first = kinds.index(True)
-        self._num_trunk = first
-        stochastic = list(self)[first:]
-        for position, module in enumerate(stochastic, start=first):
-            if not isinstance(module, _STOCHASTIC):
-                raise ValueError(
-                    f"module {position} ({type(module).__name__}) follows a stochastic layer; after the first "
-                    "stochastic layer every module must be BernoulliLinear (or CategoricalLinear as the last)"
-                )
-            if isinstance(module, CategoricalLinear) and position != len(self) - 1:
-                raise ValueError(
-                    f"module {position} is a CategoricalLinear but not the last module: a softmax unit can "
-                    "only be the output (its class index cannot feed a linear layer)"
-                )
-        for position, (parent, child) in enumerate(zip(stochastic, stochastic[1:]), start=first + 1):
+        for position, (parent, child) in enumerate(zip(modules, modules[1:]), start=1):
+            if not (isinstance(parent, _STOCHASTIC) and isinstance(child, _STOCHASTIC)):
+                continue
+            if isinstance(parent, CategoricalLinear) and not parent.one_hot:
+                raise ValueError(f"module {position - 1} is a CategoricalLinear that returns class indices, so module "
+                                 f"{position} cannot take its sample: use CategoricalLinear(..., one_hot=True)")
             if child.in_features != parent.out_features:
-                raise ValueError(
-                    f"module {position} expects {child.in_features} inputs but module {position - 1} "
-                    f"has {parent.out_features} units"
-                )
-        self._trace: list[_Step] | None = None
-        self._traced_with_grad = False
-        self._logit_grads: list[torch.Tensor] | None = None
+                raise ValueError(f"module {position} expects {child.in_features} inputs but module {position - 1} "
+                                 f"has {parent.out_features} units")
+
+    def _changed(self, undo) -> None:
+        try:
+            self._validate()
+        except ValueError:
+            undo()
+            raise
+
+    # every way of changing the sequence is checked (and undone when it breaks the chain)
+    def append(self, module):
+        before = list(self)
+        super().append(module)
+        self._changed(lambda: self._restore(before))
+        return self
+
+    def insert(self, index, module):
+        before = list(self)
+        super().insert(index, module)
+        self._changed(lambda: self._restore(before))
+        return self
+
+    def extend(self, modules):
+        before = list(self)
+        super().extend(modules)
+        self._changed(lambda: self._restore(before))
+        return self
+
+    def __setitem__(self, idx, module):
+        before = list(self)
+        super().__setitem__(idx, module)
+        self._changed(lambda: self._restore(before))
+
+    def __delitem__(self, idx):
+        before = list(self)
+        super().__delitem__(idx)
+        self._changed(lambda: self._restore(before))
+
+    def pop(self, key):
+        before = list(self)
+        module = super().pop(key)
+        self._changed(lambda: self._restore(before))
+        return module
+
+    def __iadd__(self, other):
+        return self.extend(list(other))
+
+    def _restore(self, modules) -> None:
+        for key in list(self._modules):
+            del self._modules[key]
+        for i, m in enumerate(modules):
+            self._modules[str(i)] = m
 
     @property
     def stochastic_layers(self) -> list[nn.Module]:
-        return list(self)[self._num_trunk:]
+        return [m for m in self if isinstance(m, _STOCHASTIC)]
 
     def forward(self, x: torch.Tensor, samples: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Sample every stochastic layer and return the output unit's sample.
+        """Run the chain (sampling every stochastic layer) and return the last module's output.
 
         ``samples``, one tensor per stochastic layer, replaces the draws (to replay a run, or to
         enumerate configurations in tests).
         """
-        layers = list(self)
-        h = x
-        for module in layers[: self._num_trunk]:
-            h = module(h)
-        if h.dim() != 2:
-            raise ValueError(f"the first stochastic layer needs a 2-D input [B, features], got shape {tuple(h.shape)}")
-        stochastic = layers[self._num_trunk:]
-        if samples is not None and len(samples) != len(stochastic):
-            raise ValueError(f"samples must hold one tensor per stochastic layer ({len(stochastic)}), got {len(samples)}")
-        trace = []
-        for k, layer in enumerate(stochastic):
+        if samples is not None and len(samples) != len(self.stochastic_layers):
+            raise ValueError(f"samples must hold one tensor per stochastic layer ({len(self.stochastic_layers)}), "
+                             f"got {len(samples)}")
+        outer = active_records()
+        if torch.compiler.is_compiling():
             if samples is None:
-                logits, sample = layer.logits_and_sample(h)
-            else:
-                logits = layer.logits(h)
-                sample = self._replayed(layer, logits, samples[k], k)
-            trace.append(_Step(h, logits, sample))
-            h = sample
-        self._trace = trace
-        self._traced_with_grad = torch.is_grad_enabled()
-        return h
+                return self._chain(x)
+            with Record(replay=samples):
+                return self._chain(x)
+        if outer or not torch.is_grad_enabled():
+            # recorded by the caller (or not trainable): the deprecated surrogate_loss has nothing
+            reason = "it ran inside the caller's own record(): use that record's surrogate_loss" if outer else \
+                "it ran with gradients disabled (torch.no_grad); run it with grad enabled"
+            self._remember(reason)
+            if samples is None:
+                return self._chain(x)
+            with Record(replay=samples):
+                return self._chain(x)
+        with Record(replay=samples) as rec:
+            out = self._chain(x)
+        self._remember(rec)
+        return out
 
-    @staticmethod
-    def _replayed(layer, logits, sample, k):
-        if isinstance(layer, CategoricalLinear):
-            expected = logits.shape[:-1]
-        else:
-            expected = logits.shape
-            lo, hi = layer.values
-            if not ((sample == lo) | (sample == hi)).all():
-                raise ValueError(f"samples[{k}] must hold only {(lo, hi)}")
-        if sample.shape != expected:
-            raise ValueError(f"samples[{k}] must have shape {tuple(expected)}, got {tuple(sample.shape)}")
-        return sample.to(logits.device)
+    def _chain(self, x):
+        for module in self:
+            x = module(x)
+        return x
+
+    def _remember(self, rec_or_reason) -> None:
+        state = _LAST_FORWARD.setdefault(self, [0, None])
+        state[0] += 1
+        state[1] = rec_or_reason
 
     def surrogate_loss(self, reward: torch.Tensor, estimator: str = "hnca", baseline=0.0, backend: str | None = None):
-        """A scalar whose ``.backward()`` writes the estimate of -grad E[R] (batch mean) into ``.grad``.
+        """Deprecated: ``Record.surrogate_loss`` of the net's last forward (see ``hnca_kernels.record``).
 
-        Args:
-            reward: float tensor [B], the reward of the last forward's samples (not differentiated).
-            estimator: ``"hnca"`` (HNCA for every layer with stochastic children, REINFORCE for the
-                output unit) or ``"reinforce"`` (REINFORCE for every layer).
-            baseline: a float or a tensor [B] subtracted from the reward; it must not depend on the
-                current samples (e.g. ``MovingAverageBaseline`` of earlier batches) to stay unbiased.
-            backend: backend of the message pass (default: ``use_backend``'s, else automatic).
-
-        The returned value equals -mean(reward); only its gradient carries the estimate.
+        Raises if the net ran more than once since its last ``surrogate_loss``: the reward could
+        belong to either forward (record each forward with ``hnca_kernels.record()`` instead).
         """
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-        if self._trace is None:
+        warnings.warn("StochasticSequential.surrogate_loss is deprecated: record the forward with "
+                      "`with hnca_kernels.record() as rec: action = net(x)` and call rec.surrogate_loss(...)",
+                      DeprecationWarning, stacklevel=2)
+        count, last = _LAST_FORWARD.get(self, (0, None))
+        if count == 0:
             raise RuntimeError("surrogate_loss needs the samples of a forward pass: call the model on a batch first")
-        if not self._traced_with_grad:
-            raise RuntimeError("the last forward ran with gradients disabled (torch.no_grad); run it with grad enabled")
-        trace = self._trace
-        signal = self._learning_signal(reward, baseline, trace[-1].logits)
-        layers = self.stochastic_layers
-
-        # the backend's fused credit where it has one (one pass instead of 14 small ops)
-        credit = hnca_logit_credit
-        if estimator == "hnca":
-            credit = getattr(get_backend(backend, trace[-1].logits.device), "logit_credit", hnca_logit_credit)
-        with torch.no_grad():
-            scores = []
-            for k, (layer, step) in enumerate(zip(layers, trace)):
-                logits = step.logits.detach()
-                if estimator == "hnca" and k + 1 < len(layers):
-                    child, below = layers[k + 1], trace[k + 1]
-                    d = child.parent_log_ratio(step.sample, below.logits.detach(), below.sample, layer.values, backend)
-                    score = credit(logits, d.to(logits.dtype))
-                else:
-                    score = layer.score(logits, step.sample)
-                # score is a fresh tensor: scale it in place
-                scores.append(score.mul_(signal.to(score.dtype).view(-1, *([1] * (score.dim() - 1)))))
-            mean_reward = reward.to(scores[-1].dtype).mean()
-
-        self._logit_grads = scores
-        return _SurrogateLoss.apply(mean_reward, scores, *(step.logits for step in trace))
+        if count > 1:
+            raise RuntimeError(f"the net ran {count} times since its last surrogate_loss, so the reward could belong "
+                               "to any of those forwards: record each one with `with hnca_kernels.record() as rec:` "
+                               "and call rec.surrogate_loss(reward) on its own record")
+        if not isinstance(last, Record):
+            raise RuntimeError(f"surrogate_loss cannot use the last forward: {last}")
+        _LAST_FORWARD[self] = [0, last]
+        return last.surrogate_loss(reward, estimator=estimator, baseline=baseline, backend=backend)
 
     def gradient_variance(self) -> float:
-        """Mean over the stochastic layers' parameters of the per-parameter variance, over the
-        examples of the last ``surrogate_loss``'s batch, of the per-example gradient estimate
-        (the paper's "mean gradient variance"; a deterministic trunk is not included)."""
-        if self._logit_grads is None:
+        """Deprecated: ``Record.gradient_variance`` of the last ``surrogate_loss``."""
+        warnings.warn("StochasticSequential.gradient_variance is deprecated: use Record.gradient_variance()",
+                      DeprecationWarning, stacklevel=2)
+        last = _LAST_FORWARD.get(self, (0, None))[1]
+        if not isinstance(last, Record):
             raise RuntimeError("gradient_variance needs a surrogate_loss call first")
-        total, count = 0.0, 0
-        for layer, step, grads in zip(self.stochastic_layers, self._trace, self._logit_grads):
-            layer_total, layer_count = linear_gradient_variance(step.inputs, grads, bias=layer.bias is not None)
-            total, count = total + layer_total, count + layer_count
-        return float(total) / count
-
-    @staticmethod
-    def _learning_signal(reward, baseline, output_logits):
-        batch = output_logits.shape[0]
-        if not isinstance(reward, torch.Tensor):
-            raise TypeError(f"reward must be a tensor of shape [{batch}], got {type(reward).__name__}")
-        if reward.shape != (batch,):
-            raise ValueError(f"reward must have shape [{batch}] (one per example), got {tuple(reward.shape)}")
-        if not (reward.is_floating_point()):
-            raise TypeError(f"reward must be a floating tensor, got {reward.dtype}")
-        if reward.device != output_logits.device:
-            raise ValueError(f"reward is on {reward.device} but the model's outputs are on {output_logits.device}")
-        reward = reward.detach()
-        if isinstance(baseline, torch.Tensor):
-            if baseline.shape not in ((), (batch,)):
-                raise ValueError(f"baseline must be a float or a tensor of shape [{batch}], got {tuple(baseline.shape)}")
-            baseline = baseline.detach().to(reward)
-        elif not isinstance(baseline, (int, float)):
-            raise TypeError(f"baseline must be a float or a tensor, got {type(baseline).__name__}")
-        elif baseline != baseline or abs(baseline) == float("inf"):
-            raise ValueError(f"baseline must be finite, got {baseline}")
-        signal = reward - baseline
-        # one finiteness check of the difference (one sync); on failure, say which input is bad
-        if not torch.isfinite(signal).all():
-            if not torch.isfinite(reward).all():
-                raise ValueError("reward holds non-finite values (nan or inf)")
-            if isinstance(baseline, torch.Tensor) and not torch.isfinite(baseline).all():
-                raise ValueError("baseline holds non-finite values (nan or inf)")
-            raise ValueError("reward - baseline overflows (inf)")
-        return signal
+        return last.gradient_variance()

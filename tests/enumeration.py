@@ -1,69 +1,120 @@
-"""Exact expectations by enumerating every configuration of a tiny network's stochastic units."""
+"""Exact expectations by enumerating every configuration of a tiny model's stochastic units.
+
+A model is any callable ``model(x)`` that calls stochastic layers; ``hnca_kernels.record(replay=...)``
+fixes every call's sample, so the same code enumerates a chain, a DAG or a shared layer. A reward
+is ``reward_fn(rec, out, rows) -> [len(rows)]`` from the record's samples, the model's output
+and the examples' indices ``rows`` in x (a per-example reward table can be indexed by them).
+"""
 
 from __future__ import annotations
 
 import itertools
 
 import torch
+import torch.nn.functional as F
 
-from hnca_kernels import CategoricalLinear
-
-
-def unit_configurations(layer, dtype):
-    """All values one stochastic layer can take, as a list of tensors [out] (or class ids)."""
-    if isinstance(layer, CategoricalLinear):
-        return [torch.tensor(k) for k in range(layer.num_classes)]
-    lo, hi = layer.values
-    return [torch.tensor(c, dtype=dtype) for c in itertools.product((lo, hi), repeat=layer.out_features)]
+from hnca_kernels import BernoulliLinear, CategoricalLinear, record
 
 
-def configurations(net, dtype):
-    """Every joint configuration: (list of per-layer values, index of the output value)."""
-    per_layer = [unit_configurations(layer, dtype) for layer in net.stochastic_layers]
-    for combo in itertools.product(*[range(len(v)) for v in per_layer]):
-        yield [per_layer[k][i] for k, i in enumerate(combo)], combo[-1]
+def _call_values(call) -> list[torch.Tensor]:
+    """Every value one recorded call (one example) can take, each shaped like its sample [1, ...]."""
+    layer, sample = call.layer, call.sample[:1]
+    if isinstance(layer, BernoulliLinear):
+        lo, hi = layer.values
+        n = sample.shape[-1]
+        return [torch.tensor(c, dtype=sample.dtype).view(1, n) for c in itertools.product((lo, hi), repeat=n)]
+    assert isinstance(layer, CategoricalLinear)
+    V, K = layer.num_variables, layer.num_classes
+    values = []
+    for classes in itertools.product(range(K), repeat=V):
+        idx = torch.tensor(classes).view(1, V)
+        if layer.one_hot:
+            values.append(F.one_hot(idx, K).to(sample.dtype).view(1, V * K))
+        else:
+            values.append(idx if V > 1 else idx.view(1))
+    return values
 
 
-def config_log_prob(net, x, values):
-    """log P(configuration | x) for a batch x [N, in]: [N]."""
-    samples = [v.expand(x.shape[0], *v.shape) for v in values]
-    net(x, samples=samples)
-    return sum(layer.log_prob(step.logits, step.sample) for layer, step in zip(net.stochastic_layers, net._trace))
+def configurations(model, x):
+    """Every joint configuration of the calls model(x[:1]) makes: lists of samples [1, ...]."""
+    with record() as rec:
+        model(x[:1])
+    per_call = [_call_values(c) for c in rec.calls]
+    for combo in itertools.product(*per_call):
+        yield list(combo)
 
 
-def exact_gradient(net, x, reward_table):
-    """grad of mean_n E[R(x_n, output)] with respect to every parameter, by enumeration."""
-    net.zero_grad()
+def replayed(model, x, samples):
+    """(record, output) of model(x) with every call's sample fixed (expanded over x's batch)."""
+    expanded = [s.expand(x.shape[0], *s.shape[1:]) for s in samples]
+    with record(replay=expanded) as rec:
+        out = model(x)
+    return rec, out
+
+
+def log_prob(rec) -> torch.Tensor:
+    return sum(c.layer.log_prob(c.logits, c.sample) for c in rec.calls)
+
+
+def exact_gradient(model, params, x, reward_fn):
+    """grad of mean_n E[R_n] with respect to ``params``, by enumeration."""
+    for p in params:
+        p.grad = None
     expected = 0.0
-    for values, out_index in configurations(net, x.dtype):
-        prob = config_log_prob(net, x, values).exp()
-        expected = expected + (prob * reward_table[:, out_index]).mean()
+    for samples in configurations(model, x):
+        rec, out = replayed(model, x, samples)
+        expected = expected + (log_prob(rec).exp() * reward_fn(rec, out, torch.arange(x.shape[0]))).mean()
     expected.backward()
-    return [p.grad.clone() for p in net.parameters()]
+    return [p.grad.clone() for p in params]
 
 
-def estimator_moments(net, x, reward_table, estimator, baseline=0.0):
-    """Exact mean over the batch and per-example elementwise variance of the estimate.
+def estimator_moments(model, params, x, reward_fn, estimator, baseline=0.0, outputs=None, backend=None):
+    """Exact mean over the batch and per-example elementwise variance of the estimate of
+    grad E[R], one example at a time. ``outputs(rec)`` gives ``surrogate_loss``'s outputs=.
 
     Returns (mean [per parameter], variance [per parameter, shape [N, *param.shape]]).
     """
-    params = list(net.parameters())
     first = [torch.zeros((x.shape[0],) + p.shape, dtype=x.dtype) for p in params]
     second = [torch.zeros_like(f) for f in first]
-    for values, out_index in configurations(net, x.dtype):
+    for samples in configurations(model, x):
         with torch.no_grad():
-            prob = config_log_prob(net, x, values).exp()
+            rec, _ = replayed(model, x, samples)
+            prob = log_prob(rec).exp()
         for n in range(x.shape[0]):
-            net.zero_grad()
-            samples = [v.unsqueeze(0) for v in values]
-            net(x[n : n + 1], samples=samples)
-            b = baseline[n : n + 1] if isinstance(baseline, torch.Tensor) else baseline
-            loss = net.surrogate_loss(reward_table[n : n + 1, out_index], estimator=estimator, baseline=b)
-            loss.backward()
+            for p in params:
+                p.grad = None
+            rec, out = replayed(model, x[n:n + 1], samples)
+            b = baseline[n:n + 1] if isinstance(baseline, torch.Tensor) else baseline
+            kwargs = {"outputs": outputs(rec)} if outputs is not None else {}
+            reward = reward_fn(rec, out, torch.tensor([n]))
+            rec.surrogate_loss(reward, estimator=estimator, baseline=b, backend=backend, **kwargs).backward()
             for f, s, p in zip(first, second, params):
-                g = -p.grad  # the loss's gradient is minus the estimate of grad E[R]
+                g = -p.grad if p.grad is not None else torch.zeros_like(p)  # the loss's gradient is -estimate
                 f[n] += prob[n] * g
                 s[n] += prob[n] * g * g
     mean = [f.mean(0) for f in first]
     variance = [s - f * f for f, s in zip(first, second)]
     return mean, variance
+
+
+def estimator_mean(model, params, x, reward_fn, estimator, baseline=0.0, outputs=None, backend=None):
+    """Exact mean over the batch of the estimate of grad E[R]: per configuration one step on the
+    whole batch, each example's learning signal scaled by its probability (the estimate is linear
+    in R - b, so that weights each example's estimate by P(configuration | x_n))."""
+    total = [torch.zeros_like(p) for p in params]
+    rows = torch.arange(x.shape[0])
+    for samples in configurations(model, x):
+        with torch.no_grad():
+            rec, _ = replayed(model, x, samples)
+            prob = log_prob(rec).exp()
+        for p in params:
+            p.grad = None
+        rec, out = replayed(model, x, samples)
+        b = baseline if isinstance(baseline, torch.Tensor) else torch.full_like(prob, baseline)
+        kwargs = {"outputs": outputs(rec)} if outputs is not None else {}
+        rec.surrogate_loss(prob * reward_fn(rec, out, rows), estimator=estimator, baseline=prob * b, backend=backend,
+                           **kwargs).backward()
+        for t, p in zip(total, params):
+            if p.grad is not None:
+                t -= p.grad  # the loss's gradient is minus the estimate
+    return total

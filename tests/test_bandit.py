@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hnca_kernels import BernoulliLinear, CategoricalLinear, StochasticSequential
+from hnca_kernels import BernoulliLinear, CategoricalLinear, StochasticSequential, record
 from hnca_kernels.cli import main
 from hnca_kernels.experiments import common
 
@@ -23,10 +23,6 @@ def _net(depth, centered=True):
     return StochasticSequential(*layers, CategoricalLinear(5, 4, dtype=torch.float64))
 
 
-def _replay_samples(net):
-    return [step.sample for step in net._trace]
-
-
 @pytest.mark.parametrize("centered", [True, False], ids=["pm1", "01"])
 @pytest.mark.parametrize("estimator", ["hnca", "reinforce"])
 @pytest.mark.parametrize("depth", [1, 2, 3])
@@ -38,21 +34,23 @@ def test_gradient_variance_matches_per_example_autograd(depth, estimator, center
             p.normal_(0, 1.5)
     B = 9
     x = (torch.rand(B, 7, dtype=torch.float64) < 0.5).double()
-    action = net(x)
-    samples = _replay_samples(net)
+    with record() as rec:
+        action = net(x)
+    samples = [c.sample for c in rec.calls]
     reward = torch.rand(B, dtype=torch.float64) + (action % 2)  # any black-box reward
     baseline = 0.4
     net.zero_grad()
-    net.surrogate_loss(reward, estimator, baseline=baseline).backward()
+    rec.surrogate_loss(reward, estimator, baseline=baseline).backward()
     batch_grad = torch.cat([p.grad.flatten() for p in net.parameters()])
-    metric = net.gradient_variance()
+    metric = rec.gradient_variance()
 
     # Brute force: example b alone (same samples replayed) gives its own gradient estimate.
     per_example = []
     for b in range(B):
         net.zero_grad()
-        net(x[b : b + 1], samples=[s[b : b + 1] for s in samples])
-        net.surrogate_loss(reward[b : b + 1], estimator, baseline=baseline).backward()
+        with record(replay=[s[b : b + 1] for s in samples]) as one:
+            net(x[b : b + 1])
+        one.surrogate_loss(reward[b : b + 1], estimator, baseline=baseline).backward()
         per_example.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     per_example = torch.stack(per_example)  # [B, params]
     # The batch estimate is the mean of the per-example ones: the metric's "per example" is consistent.
@@ -70,9 +68,10 @@ def test_hnca_variance_is_below_reinforce_on_the_same_samples():
     variances = {}
     for estimator in ("hnca", "reinforce"):
         torch.manual_seed(1)  # same samples for both estimators
-        action = net(x)
-        net.surrogate_loss((action == 0).double(), estimator)
-        variances[estimator] = net.gradient_variance()
+        with record() as rec:
+            action = net(x)
+        rec.surrogate_loss((action == 0).double(), estimator)
+        variances[estimator] = rec.gradient_variance()
     assert variances["hnca"] < 0.8 * variances["reinforce"]
 
 

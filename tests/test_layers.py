@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hnca_kernels import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential
+from hnca_kernels import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential, record
 
 
 @pytest.mark.parametrize("centered", [False, True])
@@ -63,18 +63,20 @@ def test_saturated_units_give_finite_gradients(estimator, centered):
             layer.weight.normal_(0, 40.0)  # logits far beyond +-100
             layer.bias.uniform_(-100, 100)
     x = torch.randn(64, 20)
-    a = net(x)
-    assert max(step.logits.abs().max() for step in net._trace) > 100
-    net.surrogate_loss((a == 2).float(), estimator=estimator, baseline=0.3).backward()
+    with record() as rec:
+        a = net(x)
+    assert max(c.logits.abs().max() for c in rec.calls) > 100
+    rec.surrogate_loss((a == 2).float(), estimator=estimator, baseline=0.3).backward()
     for name, p in net.named_parameters():
         assert torch.isfinite(p.grad).all(), name
 
 
 def test_trunk_receives_gradient_and_loss_value_is_minus_mean_reward():
     net = StochasticSequential(nn.Linear(5, 8), nn.ReLU(), BernoulliLinear(8, 4), CategoricalLinear(4, 3))
-    a = net(torch.randn(16, 5))
+    with record() as rec:
+        a = net(torch.randn(16, 5))
     reward = (a == 0).float()
-    loss = net.surrogate_loss(reward)
+    loss = rec.surrogate_loss(reward)
     assert loss.item() == pytest.approx(-reward.mean().item())
     loss.backward()
     assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0
@@ -93,9 +95,10 @@ def test_training_improves_reward():
         for _ in range(300):
             label = torch.randint(0, 4, (64,))
             x = centers[label] + torch.randn(64, 10) * 0.5
-            reward = (net(x) == label).float()
+            with record() as rec:
+                reward = (net(x) == label).float()
             opt.zero_grad()
-            net.surrogate_loss(reward, estimator=estimator, baseline=baseline(reward)).backward()
+            rec.surrogate_loss(reward, estimator=estimator, baseline=baseline(reward)).backward()
             opt.step()
         label = torch.randint(0, 4, (2000,))
         with torch.no_grad():
@@ -121,17 +124,25 @@ def _net():
     return StochasticSequential(BernoulliLinear(4, 3), CategoricalLinear(3, 2))
 
 
-def test_surrogate_before_forward():
-    with pytest.raises(RuntimeError, match="forward pass"):
-        _net().surrogate_loss(torch.ones(2))
+def test_surrogate_of_an_empty_or_open_record():
+    with record() as rec:
+        with pytest.raises(RuntimeError, match="still open"):
+            rec.surrogate_loss(torch.ones(2))
+    with pytest.raises(RuntimeError, match="no stochastic layer call"):
+        rec.surrogate_loss(torch.ones(2))
 
 
 def test_surrogate_after_no_grad_forward():
-    net = _net()
-    with torch.no_grad():
-        net(torch.randn(2, 4))
+    with torch.no_grad(), record() as rec:
+        _net()(torch.randn(2, 4))
     with pytest.raises(RuntimeError, match="gradients disabled"):
-        net.surrogate_loss(torch.ones(2))
+        rec.surrogate_loss(torch.ones(2))
+
+
+def _recorded(net, x):
+    with record() as rec:
+        net(x)
+    return rec
 
 
 @pytest.mark.parametrize(
@@ -147,21 +158,25 @@ def test_surrogate_after_no_grad_forward():
     ids=["long", "2d", "nan", "inf", "int", "list"],
 )
 def test_bad_reward(reward, match):
-    net = _net()
-    net(torch.randn(2, 4))
+    rec = _recorded(_net(), torch.randn(2, 4))
     with pytest.raises((ValueError, TypeError), match=match):
-        net.surrogate_loss(reward)
+        rec.surrogate_loss(reward)
 
 
 def test_bad_baseline_and_estimator():
-    net = _net()
-    net(torch.randn(2, 4))
+    rec = _recorded(_net(), torch.randn(2, 4))
     with pytest.raises(ValueError, match="baseline"):
-        net.surrogate_loss(torch.ones(2), baseline=torch.ones(3))
+        rec.surrogate_loss(torch.ones(2), baseline=torch.ones(3))
     with pytest.raises(ValueError, match="finite"):
-        net.surrogate_loss(torch.ones(2), baseline=float("nan"))
+        rec.surrogate_loss(torch.ones(2), baseline=float("nan"))
     with pytest.raises(ValueError, match="unknown estimator"):
-        net.surrogate_loss(torch.ones(2), estimator="hcna")
+        rec.surrogate_loss(torch.ones(2), estimator="hcna")
+
+
+def test_empty_batch_is_an_error_not_a_nan():
+    rec = _recorded(_net(), torch.randn(0, 4))
+    with pytest.raises(ValueError, match="empty"):
+        rec.surrogate_loss(torch.ones(0))
 
 
 def test_bad_layer_input():
@@ -178,11 +193,11 @@ def test_bad_layer_input():
     "modules, match",
     [
         ((nn.Linear(2, 2),), "at least one"),
-        ((BernoulliLinear(2, 3), nn.ReLU(), CategoricalLinear(3, 2)), "follows a stochastic layer"),
-        ((CategoricalLinear(2, 3), BernoulliLinear(3, 2)), "only be the output"),
+        ((CategoricalLinear(2, 3), BernoulliLinear(3, 2)), "one_hot=True"),
         ((BernoulliLinear(2, 3), BernoulliLinear(4, 2)), "expects 4 inputs"),
+        ((CategoricalLinear(2, 3, num_variables=2, one_hot=True), BernoulliLinear(3, 2)), "has 6 units"),
     ],
-    ids=["no_stochastic", "deterministic_after", "categorical_inside", "width_mismatch"],
+    ids=["no_stochastic", "categorical_indices_inside", "width_mismatch", "one_hot_width"],
 )
 def test_bad_architecture(modules, match):
     with pytest.raises(ValueError, match=match):
@@ -225,16 +240,18 @@ def test_autocast_bfloat16_matches_float32_on_the_same_samples():
         nn.Linear(12, 16), nn.Tanh(), BernoulliLinear(16, 24, centered=True), BernoulliLinear(24, 8), CategoricalLinear(8, 3)
     )
     x = torch.randn(64, 12)
-    action = net(x)
-    samples = [step.sample for step in net._trace]
+    with record() as rec:
+        action = net(x)
+    samples = [c.sample for c in rec.calls]
     reward = (action == 1).float()
-    net.surrogate_loss(reward, baseline=0.3).backward()
+    rec.surrogate_loss(reward, baseline=0.3).backward()
     expected = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        net(x, samples=samples)
-        assert net._trace[0].logits.dtype == torch.bfloat16
-        loss = net.surrogate_loss(reward, baseline=0.3)
+        with record(replay=samples) as rec:
+            net(x)
+        assert rec.calls[0].logits.dtype == torch.bfloat16
+        loss = rec.surrogate_loss(reward, baseline=0.3)
     loss.backward()
     for (name, p), e in zip(net.named_parameters(), expected):
         assert p.grad.dtype == torch.float32

@@ -178,10 +178,12 @@ def test_branched_estimators_unbiased(layers, estimator):
 
 
 @pytest.mark.parametrize("layers", [2, 3], ids=lambda n: f"L={n}")
-@pytest.mark.parametrize("option", ["rho_direct", "upstream"])
+@pytest.mark.parametrize("option", ["rho_direct", "rho_direct_mediated_baseline", "upstream"])
 def test_ablations_change_the_estimate_but_stay_unbiased(layers, option):
     x = make_x()
-    plain, ablated = make_vae(layers), make_vae(layers, **{option: True})
+    options = {"rho_direct_mediated_baseline": {"rho_direct": True, "direct_in_baseline": False}}.get(
+        option, {option: True})
+    plain, ablated = make_vae(layers), make_vae(layers, **options)
     truth = exact_gradient(ablated, x)
     for estimator in ("hnca", "hnca_baseline"):
         set_baselines(ablated)
@@ -195,6 +197,58 @@ def test_ablations_change_the_estimate_but_stay_unbiased(layers, option):
     g_plain = torch.autograd.grad(s_plain.sum(), plain.encoder[0].weight)[0]
     g_abl = torch.autograd.grad(s_abl.sum(), ablated.encoder[0].weight)[0]
     assert (g_plain - g_abl).abs().max() > 1e-6
+
+
+def test_rho_direct_baseline_tracks_what_rho_weighs():
+    """With rho_direct the paper's moving average tracks mediated + direct components at their
+    sampled values; direct_in_baseline=False keeps the mediated components only."""
+    x = make_x()
+    z = [v.expand(x.shape[0], -1).clone() for v in configs(2)[3]]
+    tracked = {}
+    for flag in (True, False):
+        vae = make_vae(2, rho_direct=True, direct_in_baseline=flag)
+        vae.baselines[0].decay = 0.0  # the baseline becomes the last batch's mean
+        vae.elbo_loss(x, "hnca_baseline", latents=z)
+        p = vae._evaluate(x, z)
+        mediated = (p.logp[1].sum(-1) + p.logp[2].sum(-1)).mean()
+        direct = (p.logp[0].sum(-1) + p.ent[1]).mean()
+        tracked[flag] = (vae.baselines[0].value.item(), mediated.item(), direct.item())
+    value, mediated, direct = tracked[True]
+    assert value == pytest.approx(mediated + direct, rel=1e-12)
+    value, mediated, _ = tracked[False]
+    assert value == pytest.approx(mediated, rel=1e-12)
+
+
+def test_per_layer_widths_and_swapped_layers():
+    vae = BernoulliVAE(3, hidden=[6, 4, 3], data_dim=7)
+    assert [(m.in_features, m.out_features) for m in vae.encoder] == [(7, 6), (6, 4), (4, 3)]
+    assert vae.prior_logits.shape == (3,) and vae.generate(2).shape == (2, 7)
+    x = (torch.rand(5, 7) < 0.5).float()
+    for estimator in ESTIMATORS:
+        vae.elbo_loss(x, estimator).backward()
+    with pytest.raises(ValueError, match="list of 3"):
+        BernoulliVAE(3, hidden=[6, 4])
+    from hnca_kernels import BernoulliLinear, CategoricalLinear
+    for bad, error in ((CategoricalLinear(6, 4), TypeError), (BernoulliLinear(6, 4, centered=True), TypeError),
+                       (BernoulliLinear(6, 5), ValueError)):
+        vae.encoder[1] = bad
+        with pytest.raises(error, match="encoder\\[1\\]"):
+            vae.elbo_loss(x, "hnca")
+
+
+def test_no_batch_on_the_model_after_a_step():
+    import copy
+    import io
+    vae, x = make_vae(2), make_x()
+    empty = io.BytesIO()
+    torch.save(vae, empty)
+    estimate = vae.estimate(x, "hnca_baseline")
+    estimate.loss.backward()
+    total, count = estimate.gradient_variance()
+    assert total > 0 and count == sum(p.numel() for p in vae.encoder.parameters())
+    saved = io.BytesIO()
+    torch.save(copy.deepcopy(vae), saved)
+    assert len(saved.getvalue()) < len(empty.getvalue()) + 8192  # grads only
 
 
 def per_draw_variance(vae, x, estimator):

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential, use_backend
+from .. import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential, record, use_backend
 from ..backends import BACKENDS, unavailable_reason
 from ..data import MNISTError, binarize, load_mnist
-from ..sequential import ESTIMATORS
+from ..record import ESTIMATORS
 from . import common
 
 NUM_CLASSES = 10
@@ -128,14 +128,15 @@ def train_epoch(model, optimizer, baseline, data_rng, x, y, args, device, progre
         idx = order[start : start + args.batch_size]
         images = binarize(x[idx], generator=data_rng).to(device)
         labels = y[idx].to(device)
-        action = model(images)
+        with record() as rec:
+            action = model(images)
         reward = (action == labels).to(images.dtype)
         b = baseline(reward) if args.baseline else 0.0
         optimizer.zero_grad(set_to_none=True)
-        model.surrogate_loss(reward, estimator=args.estimator, baseline=b).backward()
+        rec.surrogate_loss(reward, estimator=args.estimator, baseline=b).backward()
         optimizer.step()
         reward_sum += reward.sum()
-        variance_sum += model.gradient_variance()
+        variance_sum += rec.gradient_variance()
         batches += 1
         if progress is not None:
             progress.update(1)

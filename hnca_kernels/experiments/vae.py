@@ -47,6 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--test-every", type=_positive, default=10, help="test bound every N epochs (and at the last)")
     p.add_argument("--test-samples", type=_positive, default=100, help="k of the k-sample test bound")
     p.add_argument("--rho-direct", action="store_true", help="ablation: credit direct components through the children")
+    p.add_argument("--direct-in-baseline", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --rho-direct: the baseline tracks the direct components too (default, as the paper's "
+                        "code) or only the mediated ones (--no-direct-in-baseline)")
     p.add_argument("--upstream", action="store_true", help="ablation: include upstream components")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -60,13 +63,14 @@ def register(subparsers) -> None:
     s.set_defaults(func=run_sample)
 
 
-_MODEL_KEYS = ("layers", "hidden", "rho_direct", "upstream")
+_MODEL_KEYS = ("layers", "hidden", "rho_direct", "direct_in_baseline", "upstream")
 _RUN_KEYS = ("estimator", "batch_size", "lr", "seed", "limit_train", "limit_test", "test_samples")
 
 
 def _build(config: dict, device) -> BernoulliVAE:
     return BernoulliVAE(config["layers"], hidden=config["hidden"], rho_direct=config["rho_direct"],
-                        upstream=config["upstream"], backend=config.get("backend"), device=device)
+                        direct_in_baseline=config.get("direct_in_baseline"), upstream=config["upstream"],
+                        backend=config.get("backend"), device=device)
 
 
 @torch.no_grad()
@@ -86,7 +90,9 @@ def run_vae(args: argparse.Namespace) -> int:
     config = {"command": "vae", "layers": args.layers, "hidden": args.hidden, "estimator": args.estimator,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "limit_train": args.limit_train,
               "limit_test": args.limit_test, "test_samples": args.test_samples, "rho_direct": args.rho_direct,
-              "upstream": args.upstream, "backend": args.backend}
+              "upstream": args.upstream, "backend": args.backend,
+              "direct_in_baseline": (args.direct_in_baseline if args.direct_in_baseline is not None
+                                     else args.rho_direct)}
     device = resolve_device(args.device)
     if args.resume:
         saved = json.loads((out / CONFIG).read_text()) if (out / CONFIG).exists() else None
@@ -131,12 +137,12 @@ def run_vae(args: argparse.Namespace) -> int:
                    leave=False, mininterval=2.0)
         for step in bar:
             x = x_epoch[step * bs : (step + 1) * bs]
-            loss = vae.elbo_loss(x, args.estimator)
+            estimate = vae.estimate(x, args.estimator)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            estimate.loss.backward()
             opt.step()
-            elbo_sum += -loss.item() * x.shape[0]
-            total, count = vae.gradient_variance()
+            elbo_sum += -estimate.loss.item() * x.shape[0]
+            total, count = estimate.gradient_variance()
             var_sum += total / count
             if step % 20 == 0:
                 bar.set_postfix(elbo=f"{elbo_sum / min(n, (step + 1) * bs):.2f}")

@@ -65,9 +65,10 @@ class _Pass:
 
 
 class BernoulliVAE(nn.Module):
-    """Discrete hierarchical VAE with ``num_layers`` layers of ``hidden`` Bernoulli 0/1 units.
+    """Discrete hierarchical VAE with ``num_layers`` layers of Bernoulli 0/1 units, ``hidden`` wide
+    (one int for every layer, or a list of ``num_layers`` widths, Phi_1 first).
 
-    >>> vae = BernoulliVAE(2)
+    >>> vae = BernoulliVAE(2)                                 # 784 -> 200 -> 200
     >>> opt = torch.optim.Adam(vae.parameters(), lr=1e-4)
     >>> loss = vae.elbo_loss(x, estimator="hnca_baseline")   # x: [B, 784] of 0./1.
     >>> opt.zero_grad(); loss.backward(); opt.step()          # loss == -mean ELBO sample
@@ -75,28 +76,37 @@ class BernoulliVAE(nn.Module):
     Ablations (paper Appendix K), for f-HNCA only:
         rho_direct: credit the direct (green) components through the children too (rho applied
             to them); still unbiased, more variance.
+        direct_in_baseline: with rho_direct and ``hnca_baseline``, what the layer's moving average
+            tracks: True (the default there, the paper's code) the whole rho-weighted sum, mediated
+            plus direct components at their sampled values; False the mediated components only.
+            Both unbiased, with different variance.
         upstream: add the upstream components to the rho-weighted (mediated) sum, and for
             REINFORCE to the layer's sum (then the full f_E); still unbiased. LOO and DisARM are
             unaffected (upstream components cancel between the two samples).
     """
 
-    def __init__(self, num_layers: int, hidden: int = 200, data_dim: int = 784, *, rho_direct: bool = False,
-                 upstream: bool = False, baseline_decay: float = 0.99, backend: str | None = None,
-                 device=None, dtype=None):
+    def __init__(self, num_layers: int, hidden: int | Sequence[int] = 200, data_dim: int = 784, *,
+                 rho_direct: bool = False, direct_in_baseline: bool | None = None, upstream: bool = False,
+                 baseline_decay: float = 0.99, backend: str | None = None, device=None, dtype=None):
         super().__init__()
-        for name, value in (("num_layers", num_layers), ("hidden", hidden), ("data_dim", data_dim)):
+        widths = [hidden] * num_layers if isinstance(hidden, int) and not isinstance(num_layers, bool) else hidden
+        for name, value in (("num_layers", num_layers), ("data_dim", data_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if (not isinstance(widths, (list, tuple)) or len(widths) != num_layers
+                or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)):
+            raise ValueError(f"hidden must be a positive int or a list of {num_layers} positive ints, got {hidden!r}")
         factory = {"device": device, "dtype": dtype}
-        self.num_layers, self.hidden, self.data_dim = num_layers, hidden, data_dim
+        self.num_layers, self.widths, self.data_dim = num_layers, list(widths), data_dim
+        self.hidden = hidden if isinstance(hidden, int) else list(hidden)
         self.rho_direct, self.upstream, self.backend = bool(rho_direct), bool(upstream), backend
-        sizes = [data_dim] + [hidden] * num_layers
+        self.direct_in_baseline = self.rho_direct if direct_in_baseline is None else bool(direct_in_baseline)
+        sizes = [data_dim, *self.widths]
         self.encoder = nn.ModuleList(BernoulliLinear(sizes[k], sizes[k + 1], **factory) for k in range(num_layers))
         self.decoder = nn.ModuleList(BernoulliLinear(sizes[k + 1], sizes[k], **factory) for k in range(num_layers))
-        self.prior_logits = nn.Parameter(torch.zeros(hidden, **factory))
+        self.prior_logits = nn.Parameter(torch.zeros(sizes[-1], **factory))
         # one per encoder layer: of S_k (hnca_baseline) or D_k (reinforce_baseline)
         self.baselines = nn.ModuleList(MovingAverageBaseline(baseline_decay) for _ in range(num_layers))
-        self._last_signals = None
 
     # ----------------------------------------------------------------- checks
     @property
@@ -115,14 +125,31 @@ class BernoulliVAE(nn.Module):
         if not ((x == 0) | (x == 1)).all():
             raise ValueError("x must be binary (0./1. pixels): binarize the intensities first (hnca_kernels.data.binarize)")
 
+    def _check_layers(self) -> None:
+        """The layers are the VAE's own kind: 0/1 Bernoulli units of the right widths (a layer
+        swapped in by hand would otherwise train silently as something else)."""
+        sizes = [self.data_dim, *self.widths]
+        for name, layers, shape in (("encoder", self.encoder, lambda k: (sizes[k], sizes[k + 1])),
+                                    ("decoder", self.decoder, lambda k: (sizes[k + 1], sizes[k]))):
+            if len(layers) != self.num_layers:
+                raise ValueError(f"BernoulliVAE.{name} must hold {self.num_layers} layers, holds {len(layers)}")
+            for k, layer in enumerate(layers):
+                if type(layer) is not BernoulliLinear or layer.centered:
+                    raise TypeError(f"BernoulliVAE.{name}[{k}] is {layer!r}: the VAE's estimators are derived for "
+                                    "BernoulliLinear layers of 0/1 units (centered=False) only")
+                if (layer.in_features, layer.out_features) != shape(k):
+                    raise ValueError(f"BernoulliVAE.{name}[{k}] maps {layer.in_features} -> {layer.out_features}, "
+                                     f"expected {shape(k)[0]} -> {shape(k)[1]}")
+
     def _check_latents(self, latents, batch, name="latents", count=None) -> list[torch.Tensor]:
         count = self.num_layers if count is None else count
         if not isinstance(latents, (list, tuple)) or len(latents) != count:
             got = f"{len(latents)} items" if isinstance(latents, (list, tuple)) else type(latents).__name__
             raise ValueError(f"{name} must be a list of {count} tensors (one per layer), got {got}")
-        for k, z in enumerate(latents):
-            if not isinstance(z, torch.Tensor) or z.shape != (batch, self.hidden) or z.dtype != self._dtype:
-                raise ValueError(f"{name}[{k}] must be a {self._dtype} tensor of shape {(batch, self.hidden)}")
+        widths = self.widths[self.num_layers - count:]
+        for k, (z, width) in enumerate(zip(latents, widths)):
+            if not isinstance(z, torch.Tensor) or z.shape != (batch, width) or z.dtype != self._dtype:
+                raise ValueError(f"{name}[{k}] must be a {self._dtype} tensor of shape {(batch, width)}")
             if not ((z == 0) | (z == 1)).all():
                 raise ValueError(f"{name}[{k}] must hold only 0. and 1.")
         return [z.to(self.prior_logits.device) for z in latents]
@@ -135,6 +162,7 @@ class BernoulliVAE(nn.Module):
     @torch.no_grad()
     def sample_latents(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One draw of [Phi_1, ..., Phi_L] from the encoder q(. | x)."""
+        self._check_layers()
         h, latents = x, []
         for layer in self.encoder:
             h = self._fire(layer.logits(h))
@@ -142,6 +170,7 @@ class BernoulliVAE(nn.Module):
         return latents
 
     def _evaluate(self, x: torch.Tensor, latents: Sequence[torch.Tensor]) -> _Pass:
+        self._check_layers()
         h = [x, *latents]
         L = self.num_layers
         enc_logits = [self.encoder[k].logits(h[k]) for k in range(L)]
@@ -192,14 +221,15 @@ class BernoulliVAE(nn.Module):
             green_actual = p.logp[k].sum(-1) + p.ent[k + 1]
             if self.upstream:
                 mediated = f_e - green_actual
+            weighted = mediated + green_actual if self.rho_direct else mediated  # what rho multiplies
             if use_baseline:
-                mediated = mediated - self.baselines[k](mediated)
+                tracked = weighted if self.direct_in_baseline else mediated
+                weighted = weighted - self.baselines[k](tracked)
             dec_l = p.dec_logits[k + 1].detach()
             o1, o0 = F.logsigmoid(dec_l), F.logsigmoid(-dec_l)  # orange: o(phi) = log p_{k+1}(unit j = phi | ...)
-            common = mediated.unsqueeze(-1) - p.logp[k + 1]     # S - o(actual) (- b), per unit
+            common = weighted.unsqueeze(-1) - p.logp[k + 1]     # S - o(actual) (- b), per unit
             x1, x0, direct = o1, o0, var * g
             if self.rho_direct:
-                common = common + green_actual.unsqueeze(-1)
                 x1, x0, direct = o1 + (1 - y) * g, o0 - y * g, 0.0
             # p(1-p)(r1 X1 - r0 X0) with p r1 = sigmoid(l + d), (1-p) r0 = sigmoid(-l - d): bounded terms
             rho_part = (torch.sigmoid(-l) * torch.sigmoid(l + d) * x1 - prob * torch.sigmoid(-l - d) * x0
@@ -254,9 +284,12 @@ class BernoulliVAE(nn.Module):
         """Per-example surrogate [B] and f_E [B]: the surrogate's gradient is the estimate of grad f_E's
         expectation for each example (decoder/prior exact, encoder by ``estimator``).
 
-        ``latents`` ([Phi_1..Phi_L], each [B, hidden]) replays the main pass; ``branches`` (LOO and
+        ``latents`` ([Phi_1..Phi_L], each [B, width]) replays the main pass; ``branches`` (LOO and
         DisARM: per layer k a pair of trajectories [Phi_{k+1}, ..., Phi_L]) replays the partial passes.
         """
+        return self._surrogate(x, estimator, latents=latents, branches=branches)[:2]
+
+    def _surrogate(self, x, estimator, *, latents=None, branches=None):
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         self._check_x(x)
@@ -274,11 +307,19 @@ class BernoulliVAE(nn.Module):
                 signals = self._reinforce_signals(p, estimator == "reinforce_baseline")
             else:
                 signals = self._branched_signals(p, estimator, branches)
-        self._last_signals = (p.h[: self.num_layers], [l.detach() for l in p.enc_logits], signals)
         f_e = p.f_e()
         # f_E carries the decoder's exact gradient and the encoder's direct entropy gradient
         score_part = sum((l * s).sum(-1) for l, s in zip(p.enc_logits, signals))
-        return f_e + score_part, f_e
+        return f_e + score_part, f_e, (p.h[: self.num_layers], [l.detach() for l in p.enc_logits], signals)
+
+    def estimate(self, x: torch.Tensor, estimator: str = "hnca", **replay) -> "ELBOEstimate":
+        """One step's estimate: ``.loss`` (backward writes minus the estimate of the gradient of the
+        batch-mean ELBO into every ``.grad``), ``.elbo`` [B] (the ELBO samples f_E) and
+        ``.gradient_variance()`` (the paper's metric over the encoder's parameters).
+        ``x``: [B, data_dim] of 0./1.; ``replay``: ``latents``/``branches`` as in ``surrogate``."""
+        surrogate, f_e, parts = self._surrogate(x, estimator, **replay)
+        loss = (surrogate.detach() - surrogate).mean() - f_e.detach().mean()
+        return ELBOEstimate(loss, f_e.detach(), *parts)
 
     def elbo_loss(self, x: torch.Tensor, estimator: str = "hnca", **replay) -> torch.Tensor:
         """A scalar equal to -mean ELBO sample whose ``backward`` writes minus the estimate of the
@@ -287,21 +328,7 @@ class BernoulliVAE(nn.Module):
         ``estimator``: one of ``ESTIMATORS``; ``"hnca_baseline"`` and ``"reinforce_baseline"`` read
         and then update ``self.baselines`` (earlier batches only). With one layer there are no
         mediated components, so ``"hnca_baseline"`` equals ``"hnca"``."""
-        surrogate, f_e = self.surrogate(x, estimator, **replay)
-        return (surrogate.detach() - surrogate).mean() - f_e.detach().mean()
-
-    def gradient_variance(self) -> tuple[float, int]:
-        """Sum over encoder parameters of the per-parameter variance over the last batch's examples
-        of the per-example estimate (score part plus the direct entropy gradient), and the count."""
-        if self._last_signals is None:
-            raise RuntimeError("gradient_variance needs an elbo_loss call first")
-        total, count = 0.0, 0
-        for inputs, logits, signal in zip(*self._last_signals):
-            # dH/dl = -l p (1 - p): the direct entropy gradient per example, in the logit
-            logit_grad = signal - logits * torch.sigmoid(logits) * torch.sigmoid(-logits)
-            t, c = linear_gradient_variance(inputs, logit_grad)
-            total, count = total + float(t), count + c
-        return total, count
+        return self.estimate(x, estimator, **replay).loss
 
     @torch.no_grad()
     def elbo(self, x: torch.Tensor) -> torch.Tensor:
@@ -337,7 +364,27 @@ class BernoulliVAE(nn.Module):
     @torch.no_grad()
     def generate(self, n: int) -> torch.Tensor:
         """Ancestral samples: the pixel means of p_0(X | Phi_1) [n, data_dim]."""
-        h = self._fire(self.prior_logits.expand(n, self.hidden))
+        h = self._fire(self.prior_logits.expand(n, self.widths[-1]))
         for k in range(self.num_layers - 1, 0, -1):
             h = self._fire(self.decoder[k].logits(h))
         return torch.sigmoid(self.decoder[0].logits(h))
+
+
+class ELBOEstimate:
+    """What ``BernoulliVAE.estimate`` returns: the step's loss, its ELBO samples, and what the
+    gradient-variance metric needs (held here, not on the model)."""
+
+    def __init__(self, loss, elbo, inputs, logits, signals):
+        self.loss, self.elbo = loss, elbo
+        self._inputs, self._logits, self._signals = inputs, logits, signals
+
+    def gradient_variance(self) -> tuple[float, int]:
+        """Sum over encoder parameters of the per-parameter variance over the batch's examples of
+        the per-example estimate (score part plus the direct entropy gradient), and the count."""
+        total, count = 0.0, 0
+        for inputs, logits, signal in zip(self._inputs, self._logits, self._signals):
+            # dH/dl = -l p (1 - p): the direct entropy gradient per example, in the logit
+            logit_grad = signal - logits * torch.sigmoid(logits) * torch.sigmoid(-logits)
+            t, c = linear_gradient_variance(inputs, logit_grad)
+            total, count = total + float(t), count + c
+        return total, count

@@ -68,3 +68,26 @@ def entropy_delta(x, weight, logits, lo, hi):
     """d[b,i] = sum_j H(child j | x_i := hi) - H(child j | x_i := lo)."""
     cf, actual, sign = _counterfactual_logits(x, weight, logits, lo, hi)
     return sign * (bernoulli_entropy(cf) - bernoulli_entropy(actual)).sum(-1)
+
+
+def categorical_parent_log_ratio(a, weight, logits, y):
+    """D[b, v, k] = log P(children | parent variable v := k) - log P(children | actual), for
+    categorical parents fed one-hot (``a`` [B, V] their classes, ``weight`` [out, V*K]).
+
+    Children: a layer of Bernoulli units (``y`` [B, out] floats) or one softmax unit (``y`` [B]
+    class indices, ``weight`` [K_child, V*K]). Switching variable v from class a to k moves every
+    child logit by W[:, vK + k] - W[:, vK + a]; materialises [B, V, K, out].
+    """
+    dt = _compute_dtype(logits.dtype)
+    B, V = a.shape
+    K = weight.shape[1] // V
+    w = weight.to(dt).t().reshape(V, K, -1)                           # [V, K, out]
+    own = w[torch.arange(V).unsqueeze(0), a]                          # [B, V, out]: the actual classes
+    cf = logits.to(dt)[:, None, None, :] + w.unsqueeze(0) - own.unsqueeze(2)  # [B, V, K, out]
+    if y.is_floating_point():
+        s = torch.where(y > 0, 1.0, -1.0).to(dt)
+        actual = F.logsigmoid(s * logits.to(dt))
+        return (F.logsigmoid(s[:, None, None, :] * cf) - actual[:, None, None, :]).sum(-1)
+    idx = y.view(B, 1, 1, 1).expand(B, V, K, 1)
+    log_cf = F.log_softmax(cf, -1).gather(-1, idx).squeeze(-1)
+    return log_cf - F.log_softmax(logits.to(dt), -1).gather(-1, y.view(B, 1)).view(B, 1, 1)
