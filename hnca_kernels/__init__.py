@@ -3,6 +3,8 @@
 from . import functional
 from .backends import BackendUnavailableError, available_backends, use_backend
 from .baseline import MovingAverageBaseline
+from .graphs import CapturedStep
+from .validation import checks
 from .layers import BernoulliLinear, CategoricalLinear
 from .record import Record, StochasticCall, record
 from .sequential import StochasticSequential
@@ -15,7 +17,9 @@ __all__ = [
     "CategoricalLinear",
     "StochasticSequential",
     "MovingAverageBaseline",
+    "CapturedStep",
     "use_backend",
+    "checks",
     "available_backends",
     "BackendUnavailableError",
     "functional",

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from . import validation
 from .backends import get_backend
 from .ops import bad_parent_values
 
@@ -65,8 +66,8 @@ def _backend_for_parents(backend, x, lo, hi):
     pass over x; the check costs a few tiny ops per call, a quarter of a message at B=50.
     """
     impl = get_backend(backend, x.device)
-    if not getattr(impl, "CHECKS_PARENT_VALUES", False) and x.numel() and not ((x == lo) | (x == hi)).all():
-        raise bad_parent_values(lo, hi)
+    if not getattr(impl, "CHECKS_PARENT_VALUES", False) and x.numel():
+        validation.require(x.device, lambda: ((x == lo) | (x == hi)).all(), bad_parent_values(lo, hi))
     return impl
 
 
@@ -110,8 +111,9 @@ def categorical_counterfactual_log_ratio(x, weight, logits, a, *, parent_values=
         raise ValueError(f"a is on {a.device} but x is on {x.device}")
     impl = _backend_for_parents(backend, x, lo, hi)
     # the class range too is checked by a backend that checks the parents (two reductions here)
-    if not getattr(impl, "CHECKS_PARENT_VALUES", False) and a.numel() and (a.min() < 0 or a.max() >= logits.shape[1]):
-        raise ValueError(f"a must hold class indices in [0, {logits.shape[1]})")
+    if not getattr(impl, "CHECKS_PARENT_VALUES", False) and a.numel():
+        validation.require(a.device, lambda: ((a >= 0) & (a < logits.shape[1])).all(),
+                           ValueError(f"a must hold class indices in [0, {logits.shape[1]})"))
     return impl.categorical_log_ratio(x, weight, logits, a.long(), lo, hi)
 
 
@@ -192,10 +194,8 @@ def categorical_parent_log_ratio(a, weight, logits, y, *, backend=None):
     if weight.dim() != 2 or weight.shape[1] % variables:
         raise ValueError(f"weight must be [out, V*K] with V = {variables}, got {tuple(weight.shape)}")
     classes = weight.shape[1] // variables
-    if torch.compiler.is_compiling() or a.device.type != "cpu":  # no host synchronisation
-        torch._assert_async(((a >= 0) & (a < classes)).all(), "hnca: a must hold class indices in range")
-    elif a.numel() and (a.min() < 0 or a.max() >= classes):
-        raise ValueError(f"a must hold class indices in [0, {classes})")
+    validation.require(a.device, lambda: ((a >= 0) & (a < classes)).all(),
+                   ValueError(f"a must hold class indices in [0, {classes})"))
     a = a.long()
     zeros = logits.new_zeros(batch, classes)
     out = []

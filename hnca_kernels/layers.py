@@ -240,8 +240,11 @@ class CategoricalLinear(_StochasticLinear):
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            probs = torch.softmax(logits.float(), dim=-1)
-            idx = torch.multinomial(probs.reshape(-1, self.num_classes), 1).view(probs.shape[:-1])
+            # inverse CDF: the class is the number of cumulative probabilities below one uniform
+            # NOTE: not torch.multinomial, whose CUDA checks synchronise the host (no graph capture)
+            cdf = torch.softmax(logits.float(), dim=-1).cumsum_(-1)
+            u = torch.rand_like(cdf[..., :1])
+            idx = (cdf < u).sum(-1).clamp_max_(self.num_classes - 1)
             if not self.one_hot:
                 return idx
             return F.one_hot(idx, self.num_classes).to(self.weight.dtype).flatten(-2 if self.num_variables > 1 else -1)

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from . import validation
 from .backends import get_backend
 from .metrics import linear_gradient_variance
 
@@ -326,11 +327,12 @@ class Record:
             _warn_fallbacks(self)
         return _SurrogateLoss.apply(mean_reward, tuple(scores), *(c.logits for c in self.calls))
 
-    def gradient_variance(self) -> float:
+    def gradient_variance(self, as_tensor: bool = False):
         """Mean over the stochastic layers' parameters of the per-parameter variance, over the batch's
         examples, of the per-example estimate of the last ``surrogate_loss`` (the paper's "mean
         gradient variance"; deterministic modules are not included). A layer called several times
-        is one set of parameters: its per-example gradient sums over the calls."""
+        is one set of parameters: its per-example gradient sums over the calls. ``as_tensor``: a
+        float64 tensor on the model's device (no host synchronisation) instead of a float."""
         if self._scores is None:
             raise RuntimeError("gradient_variance needs a surrogate_loss call first")
         by_layer: dict = {}
@@ -340,8 +342,8 @@ class Record:
         for pairs in by_layer.values():
             layer = pairs[0][2]
             t, c = linear_gradient_variance([p[0] for p in pairs], [p[1] for p in pairs], bias=layer.bias is not None)
-            total, count = total + float(t), count + c
-        return total / count
+            total, count = total + t, count + c
+        return total / count if as_tensor else float(total) / count
 
     def __repr__(self) -> str:
         return f"Record({self._state}, calls={self.calls})"
@@ -440,9 +442,9 @@ def learning_signal(reward, baseline, batch: int, device) -> torch.Tensor:
     elif baseline != baseline or abs(baseline) == float("inf"):
         raise ValueError(f"baseline must be finite, got {baseline}")
     signal = reward - baseline
-    if torch.compiler.is_compiling() or signal.device.type != "cpu":
-        # no host synchronisation: the check runs on the device (an error aborts the step)
-        torch._assert_async(torch.isfinite(signal).all(), "hnca: reward - baseline holds non-finite values")
+    if validation.current_mode(signal.device) != "host":  # one device-side check of the difference
+        validation.require(signal.device, lambda: torch.isfinite(signal).all(),
+                       ValueError("reward - baseline holds non-finite values (nan or inf)"))
     elif not torch.isfinite(signal).all():  # one check of the difference; on failure, say which is bad
         if not torch.isfinite(reward).all():
             raise ValueError("reward holds non-finite values (nan or inf)")

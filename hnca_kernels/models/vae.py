@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import validation
 from ..baseline import MovingAverageBaseline
 from ..functional import bernoulli_entropy, counterfactual_entropy_delta, counterfactual_log_ratio, hnca_logit_credit
 from ..layers import BernoulliLinear
@@ -122,8 +123,8 @@ class BernoulliVAE(nn.Module):
             raise TypeError(f"x must have the model's dtype {self._dtype}, got {x.dtype} (binarize and cast first)")
         if x.device != self.prior_logits.device:
             raise ValueError(f"x is on {x.device} but the model is on {self.prior_logits.device}")
-        if not ((x == 0) | (x == 1)).all():
-            raise ValueError("x must be binary (0./1. pixels): binarize the intensities first (hnca_kernels.data.binarize)")
+        validation.require(x.device, lambda: ((x == 0) | (x == 1)).all(), ValueError(
+            "x must be binary (0./1. pixels): binarize the intensities first (hnca_kernels.data.binarize)"))
 
     def _check_layers(self) -> None:
         """The layers are the VAE's own kind: 0/1 Bernoulli units of the right widths (a layer
@@ -150,8 +151,8 @@ class BernoulliVAE(nn.Module):
         for k, (z, width) in enumerate(zip(latents, widths)):
             if not isinstance(z, torch.Tensor) or z.shape != (batch, width) or z.dtype != self._dtype:
                 raise ValueError(f"{name}[{k}] must be a {self._dtype} tensor of shape {(batch, width)}")
-            if not ((z == 0) | (z == 1)).all():
-                raise ValueError(f"{name}[{k}] must hold only 0. and 1.")
+            validation.require(z.device, lambda: ((z == 0) | (z == 1)).all(),
+                           ValueError(f"{name}[{k}] must hold only 0. and 1."))
         return [z.to(self.prior_logits.device) for z in latents]
 
     # ---------------------------------------------------------------- passes
@@ -378,13 +379,14 @@ class ELBOEstimate:
         self.loss, self.elbo = loss, elbo
         self._inputs, self._logits, self._signals = inputs, logits, signals
 
-    def gradient_variance(self) -> tuple[float, int]:
+    def gradient_variance(self, as_tensor: bool = False) -> tuple:
         """Sum over encoder parameters of the per-parameter variance over the batch's examples of
-        the per-example estimate (score part plus the direct entropy gradient), and the count."""
+        the per-example estimate (score part plus the direct entropy gradient), and the count.
+        ``as_tensor``: the sum as a float64 tensor on the model's device (no host synchronisation)."""
         total, count = 0.0, 0
         for inputs, logits, signal in zip(self._inputs, self._logits, self._signals):
             # dH/dl = -l p (1 - p): the direct entropy gradient per example, in the logit
             logit_grad = signal - logits * torch.sigmoid(logits) * torch.sigmoid(-logits)
             t, c = linear_gradient_variance(inputs, logit_grad)
-            total, count = total + float(t), count + c
-        return total, count
+            total, count = total + t, count + c
+        return (total if as_tensor else float(total)), count
