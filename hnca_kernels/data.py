@@ -74,7 +74,7 @@ def _download(directory: Path, name: str) -> None:
             errors.append(f"{url}: {exc}")
             if "tmp" in locals() and os.path.exists(tmp.name):
                 os.unlink(tmp.name)
-    raise MNISTError(f"could not download {name}:\n  " + "\n  ".join(errors))
+    raise MNISTError(f"could not download {name} ({'; '.join(errors)})")
 
 
 def _parse_idx(data: bytes, name: str) -> np.ndarray:
