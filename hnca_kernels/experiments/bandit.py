@@ -1,7 +1,8 @@
 """``hnca bandit``: the contextual-bandit MNIST experiment of the paper (Section 1.3, Figure 1).
 
 A network of ±1 Bernoulli layers and a softmax output guesses the class of a dynamically
-binarized MNIST digit and gets reward 1 when right, else 0; it is trained by HNCA or REINFORCE
+binarized MNIST digit (or an image of another ``--dataset``, with as many outputs as it has
+classes) and gets reward 1 when right, else 0; it is trained by HNCA or REINFORCE
 (optionally with a moving-average baseline of earlier batches). Each epoch adds one line to
 ``metrics.jsonl`` and replaces the checkpoint (the run directory of ``rundir.py``), from which
 ``--resume`` continues exactly.
@@ -30,10 +31,12 @@ from . import common
 from .common import NonFinite, positive_float, positive_int
 from .rundir import CHECKPOINT, CommandError, RunDir, UsageError, one_line
 
-NUM_CLASSES = 10
-# Config entries that define the run: a resumed run must match them exactly. The others
-# (epochs, device, backend, threads, data directory, on_nonfinite) may change between sessions.
-RUN_KEYS = ("layers", "width", "estimator", "baseline", "lr", "batch_size", "seed", "limit_train", "limit_test")
+# Config entries that define the run: a resumed run must match them exactly (a config.json from
+# before --dataset means mnist). The others (epochs, device, backend, threads, data directory,
+# on_nonfinite) may change between sessions.
+RUN_KEYS = ("dataset", "layers", "width", "estimator", "baseline", "lr", "batch_size", "seed", "limit_train",
+            "limit_test")
+_DEFAULTS = {"dataset": "mnist"}
 _TEST_BATCH = 1000
 _TEST_STREAMS = (1, 2)  # derived_seed(seed, epoch, s): the test binarization, the network's test samples
 
@@ -54,24 +57,22 @@ def register(subparsers) -> None:
     p.add_argument("--backend", choices=BACKENDS, default=None, help="message-pass backend (default: fastest available)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, required=True, help="output directory (metrics.jsonl, config.json, checkpoint.pt)")
-    p.add_argument("--data-dir", default=None, help="MNIST directory (default $HNCA_DATA_DIR, else download to the cache)")
-    p.add_argument("--limit-train", type=positive_int, default=None, metavar="N", help="use the first N training examples")
-    p.add_argument("--limit-test", type=positive_int, default=None, metavar="N", help="use the first N test examples")
+    common.add_data_options(p)
     common.add_run_options(p)
     p.set_defaults(func=run)
 
 
-def build_model(layers: int, width: int, in_features: int = 784) -> StochasticSequential:
-    """``layers`` hidden layers of ``width`` ±1 Bernoulli units, then a 10-way softmax unit."""
+def build_model(layers: int, width: int, classes: int = 10, in_features: int = 784) -> StochasticSequential:
+    """``layers`` hidden layers of ``width`` ±1 Bernoulli units, then a ``classes``-way softmax unit."""
     sizes = [in_features] + [width] * layers
     hidden = [BernoulliLinear(a, b, centered=True) for a, b in zip(sizes, sizes[1:])]
-    return StochasticSequential(*hidden, CategoricalLinear(width, NUM_CLASSES))
+    return StochasticSequential(*hidden, CategoricalLinear(width, classes))
 
 
-def _start(args, run: RunDir, device: torch.device):
+def _start(args, run: RunDir, classes: int, device: torch.device):
     """Model, optimizer, baseline and data generator: fresh, or restored from the run's checkpoint."""
     common.seed_everything(args.seed)
-    model = build_model(args.layers, args.width).to(device)  # before the optimizer: its state follows the params
+    model = build_model(args.layers, args.width, classes).to(device)  # before the optimizer: its state follows the params
     baseline = MovingAverageBaseline(0.99).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     data_rng = torch.Generator().manual_seed(args.seed)
@@ -138,13 +139,13 @@ def run(args) -> int:
     config.update(experiment="bandit", epochs=args.epochs, device=str(device), backend=args.backend,
                   on_nonfinite=args.on_nonfinite)
 
-    with RunDir.start(args.out, "bandit", config, RUN_KEYS, args.resume) as run_dir:
+    with RunDir.start(args.out, "bandit", config, RUN_KEYS, args.resume, _DEFAULTS) as run_dir:
         if run_dir.epoch >= args.epochs:
             print(f"{args.out}: already trained for {run_dir.epoch} epochs (--epochs {args.epochs})")
             return 0
-        train_x, train_y = common.load_split("train", args.data_dir, args.limit_train)
-        test_x, test_y = common.load_split("test", args.data_dir, args.limit_test)
-        model, optimizer, baseline, data_rng = _start(args, run_dir, device)
+        train_x, train_y, classes = common.load_split(args.dataset, "train", args.data_dir, args.limit_train)
+        test_x, test_y, _ = common.load_split(args.dataset, "test", args.data_dir, args.limit_test)
+        model, optimizer, baseline, data_rng = _start(args, run_dir, classes, device)
         run_dir.write_config(config)
         try:
             _train(args, config, run_dir, model, optimizer, baseline, data_rng, train_x, train_y, test_x, test_y, device)

@@ -181,12 +181,26 @@ class Divergence:
 
 # ----------------------------------------------------------------------------- data
 
-def load_split(split: str, root, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Intensities [N, 784] and labels [N] of the first ``limit`` examples, or a one-line error."""
-    from ..data import MNISTError, load_mnist
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    from ..data import DATASETS
+
+    p.add_argument("--dataset", choices=DATASETS, default="mnist",
+                   help="mnist (the package's reader, default), or through torchvision (pip install torchvision): "
+                        "fashion-mnist, kmnist, emnist-letters, mnist-torchvision")
+    p.add_argument("--data-dir", default=None,
+                   help="the data's directory: mnist's IDX files, or a torchvision root for the others "
+                        "(default $HNCA_DATA_DIR, else a cache directory, downloaded into if needed)")
+    p.add_argument("--limit-train", type=positive_int, default=None, metavar="N", help="use the first N training examples")
+    p.add_argument("--limit-test", type=positive_int, default=None, metavar="N", help="use the first N test examples")
+
+
+def load_split(dataset: str, split: str, root, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Intensities [N, 784], labels [N] of the first ``limit`` examples, and the data set's number
+    of classes; or a one-line error."""
+    from ..data import DATASET_NAMES, DatasetError, load_dataset
 
     try:
-        x, y = load_mnist(split, root=root)
-    except MNISTError as exc:
-        raise CommandError(f"cannot load MNIST: {exc}") from None
-    return x[:limit], y[:limit]
+        x, y, classes = load_dataset(dataset, split, root=root)
+    except DatasetError as exc:
+        raise CommandError(f"cannot load {DATASET_NAMES[dataset]}: {exc}") from None
+    return x[:limit], y[:limit], classes
