@@ -263,7 +263,10 @@ class RunDir:
     def _check(self, config, run_keys, resume, defaults, note) -> None:
         stale = [p for p in self.path.iterdir() if p.name.startswith(_TEMP_PREFIXES) and p.name.endswith(".tmp")]
         for p in stale:
-            p.unlink()
+            try:
+                p.unlink()
+            except OSError as exc:
+                raise CommandError(f"cannot remove {p}: {one_line(exc)}") from None
         if stale:
             note(f"{self.path}: removed {len(stale)} temporary file(s) of a killed run")
         config_path, metrics_path, ckpt_path = (self.path / n for n in (CONFIG, METRICS, CHECKPOINT))
