@@ -111,11 +111,14 @@ def run_vae(args: argparse.Namespace) -> int:
             mean = x_train.mean(0).clamp(1e-3, 1 - 1e-3)
             vae.decoder[0].bias.copy_(torch.log(mean) - torch.log1p(-mean))
         opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
-        if run.checkpoint is not None:
-            state = run.checkpoint
-            where = f"{out / CHECKPOINT}"
-            _restore(where, lambda: (vae.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"]),
-                                     data_rng.set_state(state["data_rng"]), common.set_rng_state(state["rng"])))
+        if (state := run.checkpoint) is not None:
+            def restore():
+                vae.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
+                data_rng.set_state(state["data_rng"])
+                common.set_rng_state(state["rng"])
+
+            _restore(str(out / CHECKPOINT), restore)
         run.write_config(config)
         try:
             _train(args, run, vae, opt, data_rng, x_train, x_test, device)
