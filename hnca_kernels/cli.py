@@ -1,9 +1,17 @@
-"""The ``hnca`` command: ``hnca bandit``, ``hnca vae``, ``hnca plot``, ``hnca sample``."""
+"""The ``hnca`` command: ``hnca bandit``, ``hnca vae``, ``hnca plot``, ``hnca sample``.
+
+Every expected error is one line on stderr, ``hnca <command>: <message>``, and exit status 1
+(files, data, training) or 2 (a command line that cannot be used, as argparse); Ctrl-C exits with
+status 130. A traceback means a bug.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+
+from .experiments.rundir import CommandError
 
 # Each module defines register(subparsers), which adds its subcommands with a handler in ``func``.
 _COMMAND_MODULES = (
@@ -13,17 +21,46 @@ _COMMAND_MODULES = (
 )
 
 
+class _UsageError(CommandError):
+    def __init__(self, prog: str, message: str):
+        super().__init__(message, status=2)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``hnca vae: error: ...``) instead of usage + error."""
+
+    def error(self, message: str):
+        raise _UsageError(self.prog, f"error: {message} (see {self.prog} -h)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hnca", description="Train networks of discrete stochastic units with HNCA.")
+    parser = _Parser(prog="hnca", description="Train networks of discrete stochastic units with HNCA.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    """Run ``hnca`` with ``argv``; returns the exit status (errors already printed on stderr)."""
+    prog = "hnca"
+    try:
+        args = build_parser().parse_args(argv)
+        prog = f"hnca {args.command}"
+        return args.func(args) or 0
+    except CommandError as exc:
+        prefix = getattr(exc, "prog", prog)
+        message = str(exc) if exc.status != 2 or str(exc).startswith("error: ") else f"error: {exc}"
+        print(f"{prefix}: {_one_line(message)}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

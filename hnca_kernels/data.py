@@ -1,8 +1,16 @@
-"""MNIST without torchvision: IDX files (gzipped or not), checked, and dynamic binarization.
+"""The data sets of the experiments, and dynamic binarization.
 
-The files are looked for in ``root``, else ``$HNCA_DATA_DIR``, else a cache directory
-(``$XDG_CACHE_HOME/hnca_kernels/mnist``) where they are downloaded if missing. Every file's
-MD5 (of the uncompressed bytes) is checked, so a corrupt or truncated file is an error.
+``mnist`` needs no torchvision: IDX files (gzipped or not) looked for in ``root``, else
+``$HNCA_DATA_DIR``, else a cache directory (``$XDG_CACHE_HOME/hnca_kernels/mnist``) where they are
+downloaded if missing. Every file's MD5 (of the uncompressed bytes) is checked, so a corrupt or
+truncated file is an error.
+
+``fashion-mnist``, ``kmnist``, ``emnist-letters`` and ``mnist-torchvision`` (the same MNIST read by
+torchvision, to check one path against the other) come through ``torchvision.datasets`` (the
+``vision`` extra) from a torchvision root: ``root``, else ``$HNCA_DATA_DIR``, else
+``$XDG_CACHE_HOME/hnca_kernels/torchvision``; as for ``mnist``, only the cache is downloaded into.
+Every data set gives the same tensors: intensities [N, 784] float32 in [0, 1] and labels [N] int64
+in 0..C-1.
 """
 
 from __future__ import annotations
@@ -35,7 +43,11 @@ _SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 _IDX_DTYPES = {0x08: np.uint8}
 
 
-class MNISTError(RuntimeError):
+class DatasetError(RuntimeError):
+    """A data set could not be found, downloaded or read (the message is one line)."""
+
+
+class MNISTError(DatasetError):
     """The MNIST files could not be found, downloaded or read."""
 
 
@@ -74,7 +86,7 @@ def _download(directory: Path, name: str) -> None:
             errors.append(f"{url}: {exc}")
             if "tmp" in locals() and os.path.exists(tmp.name):
                 os.unlink(tmp.name)
-    raise MNISTError(f"could not download {name}:\n  " + "\n  ".join(errors))
+    raise MNISTError(f"could not download {name} ({'; '.join(errors)})")
 
 
 def _parse_idx(data: bytes, name: str) -> np.ndarray:
@@ -122,8 +134,81 @@ def load_mnist(split: str = "train", root: str | os.PathLike | None = None, down
     images, labels = arrays
     if images.shape[0] != labels.shape[0]:
         raise MNISTError(f"{split}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return _tensors(images, labels)
+
+
+def _tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [N, H, W] and integer labels [N] -> intensities [N, H*W] float32, labels int64:
+    the one conversion every data set goes through, so that equal files give equal tensors."""
     x = torch.from_numpy(images.reshape(images.shape[0], -1).astype(np.float32) / 255.0)
     return x, torch.from_numpy(labels.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- torchvision data sets
+
+# --dataset name -> (torchvision.datasets class, its keyword arguments, label offset, transpose)
+_TORCHVISION = {
+    "mnist-torchvision": ("MNIST", {}, 0, False),
+    "fashion-mnist": ("FashionMNIST", {}, 0, False),
+    "kmnist": ("KMNIST", {}, 0, False),
+    # labels 1..26 (0 is an unused 'N/A' class); images stored transposed, turned upright here
+    "emnist-letters": ("EMNIST", {"split": "letters"}, 1, True),
+}
+DATASETS = ("mnist", *_TORCHVISION)
+DATASET_NAMES = {"mnist": "MNIST", "mnist-torchvision": "MNIST (torchvision)", "fashion-mnist": "Fashion-MNIST",
+                 "kmnist": "KMNIST", "emnist-letters": "EMNIST letters"}
+
+
+def default_torchvision_root() -> Path:
+    return default_cache_dir().parent / "torchvision"
+
+
+def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None, download: bool = True):
+    """Intensities [N, 784] float32 in [0, 1], labels [N] int64 in 0..C-1, and C, the data set's
+    number of classes, of data set ``name`` (one of ``DATASETS``). Raises DatasetError.
+
+    >>> x, y, classes = load_dataset("emnist-letters", "test", root="~/data")  # classes == 26
+    """
+    if name == "mnist":
+        return (*load_mnist(split, root, download), 10)
+    if name not in _TORCHVISION:
+        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if split not in _SPLITS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    try:
+        import torchvision
+        import torchvision.datasets
+    except Exception as exc:  # absent, or built for another torch (which fails on import)
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name == "torchvision"
+        why = "which is not installed" if missing else f"which cannot be imported ({type(exc).__name__}: {exc})"
+        raise DatasetError(f"{name} needs torchvision, {why}: pip install torchvision, or the package's "
+                           "'vision' extra") from None
+    class_name, kwargs, offset, transpose = _TORCHVISION[name]
+    if root is not None or os.environ.get("HNCA_DATA_DIR"):
+        directory, may_download = Path(root if root is not None else os.environ["HNCA_DATA_DIR"]), False
+    else:
+        directory, may_download = default_torchvision_root(), download
+    raw = directory / class_name / "raw"
+    try:
+        dataset = getattr(torchvision.datasets, class_name)(str(directory), train=split == "train",
+                                                            download=may_download, **kwargs)
+    except Exception as exc:  # torchvision's own errors: not found, failed download, bad file
+        detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        if "not found" in detail and not may_download:
+            raise DatasetError(f"no {class_name} files in {raw} (a torchvision root holds {class_name}/raw/; "
+                               "pass --data-dir or HNCA_DATA_DIR, or leave both unset to download into "
+                               f"{default_torchvision_root()})") from None
+        action = "download or read" if may_download else "read"
+        raise DatasetError(f"cannot {action} {class_name} in {raw}: {detail}") from None
+    images, labels = dataset.data.numpy(), dataset.targets.numpy() - offset
+    if transpose:
+        images = images.transpose(0, 2, 1)
+    classes = len([c for c in dataset.classes if c != "N/A"])
+    if images.shape[0] != labels.shape[0]:
+        raise DatasetError(f"{raw}: {images.shape[0]} {split} images but {labels.shape[0]} labels")
+    if labels.size and not 0 <= labels.min() <= labels.max() < classes:
+        raise DatasetError(f"{raw}: {split} labels outside 0..{classes - 1}")
+    return (*_tensors(images, labels), classes)
 
 
 def binarize(intensities: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -391,9 +391,9 @@ SHARED = Path(os.environ.get("HNCA_DATA_DIR", "/work/shared/data/mnist"))
 needs_mnist = pytest.mark.skipif(not (SHARED / "t10k-labels-idx1-ubyte.gz").exists(), reason=f"no MNIST files in {SHARED}")
 
 
-def cli_vae(out, *extra, epochs=2):
+def cli_vae(out, *extra, epochs=2, test_every=1):
     argv = ["vae", "--layers", "2", "--hidden", "16", "--estimator", "hnca_baseline", "--limit-train", "200",
-            "--limit-test", "50", "--epochs", str(epochs), "--test-every", "1", "--test-samples", "5",
+            "--limit-test", "50", "--epochs", str(epochs), "--test-every", str(test_every), "--test-samples", "5",
             "--data-dir", str(SHARED), "--out", str(out), "--no-progress", "--device", "cpu", *extra]
     assert main(argv) == 0
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -404,37 +404,46 @@ def without_time(records):
 
 
 @needs_mnist
-def test_cli_end_to_end_resume_and_sample(tmp_path):
-    straight = cli_vae(tmp_path / "straight")
-    assert [r["epoch"] for r in straight] == [1, 2]
+def test_cli_end_to_end_resume_and_sample(tmp_path, capsys):
+    """--resume --epochs 6 after 3 epochs equals a 6-epoch run (metrics and weights), although the
+    first session tested at its last epoch (3) and the straight run tests at every epoch: the test
+    bound draws from its own stream, so testing never changes training."""
+    straight = cli_vae(tmp_path / "straight", epochs=6, test_every=1)
+    assert [r["epoch"] for r in straight] == [1, 2, 3, 4, 5, 6]
     for r in straight:
         assert {"train_elbo", "grad_variance", "test_bound"} <= set(r)
         assert math.isfinite(r["train_elbo"]) and r["train_elbo"] < 0 and r["grad_variance"] > 0
     config = json.loads((tmp_path / "straight" / "config.json").read_text())
-    assert config["estimator"] == "hnca_baseline" and config["layers"] == 2
+    assert config["estimator"] == "hnca_baseline" and config["layers"] == 2 and config["experiment"] == "vae"
 
-    cli_vae(tmp_path / "split", epochs=1)
-    with pytest.raises(SystemExit, match="--resume"):
-        cli_vae(tmp_path / "split", epochs=2)  # an existing run is not overwritten
-    resumed = cli_vae(tmp_path / "split", "--resume", epochs=2)
-    assert without_time(resumed) == without_time(straight)
+    cli_vae(tmp_path / "split", epochs=3, test_every=2)
+    capsys.readouterr()
+    assert main(["vae", "--out", str(tmp_path / "split"), "--epochs", "6"]) == 1  # an existing run is not overwritten
+    assert "already holds a run (3 epoch(s)); pass --resume" in capsys.readouterr().err
+    resumed = cli_vae(tmp_path / "split", "--resume", epochs=6, test_every=2)
+    assert [e for e, r in enumerate(resumed, 1) if "test_bound" in r] == [2, 3, 4, 6]
+    straight_same_keys = [{k: s[k] for k in r} for r, s in zip(without_time(resumed), without_time(straight))]
+    assert without_time(resumed) == straight_same_keys
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert a["baselines.0.value"] != 0  # the baseline state is part of the checkpoint
+    # and a different seed differs: the comparisons above can fail
+    other = cli_vae(tmp_path / "other", "--seed", "1", epochs=1)
+    assert other[0]["train_elbo"] != straight[0]["train_elbo"]
 
     png = tmp_path / "digits.png"
     assert main(["sample", str(tmp_path / "straight"), "-o", str(png), "-n", "9"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_errors(tmp_path):
-    with pytest.raises(SystemExit, match="no run to resume"):
-        main(["vae", "--out", str(tmp_path / "none"), "--resume"])
-    with pytest.raises(SystemExit):
-        main(["vae", "--estimator", "arm"])
-    with pytest.raises(SystemExit, match="not a VAE run"):
-        main(["sample", str(tmp_path)])
+def test_cli_errors(tmp_path, capsys):
+    assert main(["vae", "--out", str(tmp_path / "none"), "--resume"]) == 1
+    assert capsys.readouterr().err == f"hnca vae: --resume: nothing to resume in {tmp_path / 'none'} (no such directory)\n"
+    assert main(["vae", "--estimator", "arm"]) == 2
+    assert capsys.readouterr().err.startswith("hnca vae: error: argument --estimator: invalid choice: 'arm'")
+    assert main(["sample", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"hnca sample: {tmp_path} is not a VAE run with a checkpoint (needs config.json and checkpoint.pt)\n"
 
 
 @pytest.mark.parametrize("estimator", ["hnca", "hnca_baseline"])
