@@ -1,6 +1,6 @@
 """hnca-kernels: fast Hindsight Network Credit Assignment for discrete stochastic networks."""
 
-from . import functional
+from . import distributed, functional
 from .backends import BackendUnavailableError, available_backends, use_backend
 from .baseline import MovingAverageBaseline
 from .graphs import CapturedStep
@@ -23,5 +23,6 @@ __all__ = [
     "available_backends",
     "BackendUnavailableError",
     "functional",
+    "distributed",
 ]
 __version__ = "0.1.0"

@@ -1,7 +1,22 @@
+"""MovingAverageBaseline: a running mean of earlier batches' learning signal, the same on every rank.
+
+Under torch.distributed each rank sees its own shard of the batch; a baseline that averaged only its
+own rank's rewards would drift apart between ranks (and differ from the one-process run on the
+union of the shards). So whenever a default process group is initialised with more than one rank,
+the mean folded in is the global one: one all-reduce of (sum, count) per call, on the signal's
+device. ``update_baselines`` folds several baselines in with one all-reduce (the VAE's per-layer
+baselines use it: one all-reduce per step).
+"""
+
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+
+__all__ = ["MovingAverageBaseline", "update_baselines"]
 
 
 class MovingAverageBaseline(nn.Module):
@@ -12,26 +27,98 @@ class MovingAverageBaseline(nn.Module):
     estimator stays unbiased. Its state is a buffer: it follows ``.to(device)`` and is saved
     in ``state_dict``.
 
+    Under torch.distributed (a default process group with more than one rank) the mean folded in
+    is that of the signals of all ranks together: one all-reduce of (sum, count) per call, so the
+    baseline stays identical on every rank and equals the one-process baseline fed the union of
+    the ranks' batches (whatever their sizes). Every rank must then call it the same number of
+    times, like any collective.
+
+    Args:
+        decay: weight of the past, in [0, 1).
+        initial: the value before the first batch.
+        sync: ``False`` keeps the mean of this rank's own signal (no communication).
+        process_group: the group to average over (default: the default group). It is held by
+            reference: not in ``state_dict``, shared by a deepcopy, and a baseline holding one
+            cannot be pickled (save its ``state_dict``).
+
     >>> baseline = MovingAverageBaseline(0.99)
-    >>> loss = model.surrogate_loss(reward, baseline=baseline(reward))
+    >>> loss = rec.surrogate_loss(reward, baseline=baseline(reward))
     """
 
-    def __init__(self, decay: float = 0.99, initial: float = 0.0):
+    sync = True    # class defaults: modules pickled before these attributes existed still load
+    _group = None
+
+    def __init__(self, decay: float = 0.99, initial: float = 0.0, *, sync: bool = True, process_group=None):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.sync = bool(sync)
+        self._group = _GroupHandle(process_group) if process_group is not None else None
         self.register_buffer("value", torch.tensor(float(initial), dtype=torch.float64))
+
+    @property
+    def process_group(self):
+        return None if self._group is None else self._group.group
 
     def forward(self, signal: torch.Tensor) -> torch.Tensor:
         current = self.value.clone()
         self.update(signal)
         return current
 
-    @torch.no_grad()
     def update(self, signal: torch.Tensor) -> None:
-        mean = signal.detach().to(self.value).mean()
-        self.value.mul_(self.decay).add_((1.0 - self.decay) * mean)
+        """Fold the mean of ``signal`` (over all ranks when syncing) into the value."""
+        update_baselines([(self, signal)])
+
+    def _sync_group(self):
+        """The process group to average over, or None when this baseline does not communicate."""
+        if not (self.sync and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
 
     def extra_repr(self) -> str:
-        return f"decay={self.decay}"
+        return f"decay={self.decay}" + ("" if self.sync else ", sync=False")
+
+
+@torch.no_grad()
+def update_baselines(pairs: Sequence[tuple[MovingAverageBaseline, torch.Tensor]]) -> None:
+    """Fold each ``signal``'s mean into its baseline, as ``baseline.update(signal)`` for each pair,
+    with one all-reduce per process group (and device) for all the baselines that sync.
+
+    >>> update_baselines([(b0, s0), (b1, s1)])   # one all-reduce of a [2, 2] tensor
+    """
+    means: list = [None] * len(pairs)
+    pending: dict = {}
+    for i, (baseline, signal) in enumerate(pairs):
+        if not isinstance(signal, torch.Tensor):
+            raise TypeError(f"the learning signal must be a tensor, got {type(signal).__name__}")
+        group = baseline._sync_group()
+        if group is None:
+            means[i] = signal.detach().to(baseline.value).mean()
+        else:
+            pending.setdefault((id(group), signal.device), (group, []))[1].append(i)
+    for (_, device), (group, indices) in pending.items():
+        # per baseline: (sum, count) of its signal in float64, on the signals' device (NCCL needs CUDA)
+        stats = torch.stack([torch.stack([pairs[i][1].detach().sum(dtype=torch.float64),
+                                          torch.full((), pairs[i][1].numel(), dtype=torch.float64, device=device)])
+                             for i in indices])
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        for i, (total, count) in zip(indices, stats):
+            means[i] = total / count
+    for (baseline, _), mean in zip(pairs, means):
+        baseline.value.mul_(baseline.decay).add_((1.0 - baseline.decay) * mean.to(baseline.value))
+
+
+class _GroupHandle:
+    """Holds a process group on a module: a deepcopy shares it; pickling says why it cannot."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        raise TypeError("a MovingAverageBaseline with a process_group cannot be pickled (a process group is a "
+                        "handle of this process): save its state_dict() instead")

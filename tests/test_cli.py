@@ -235,8 +235,13 @@ def _poison(monkeypatch, cls, method, calls):
 
     def poisoned(self, *args, **kwargs):
         count["n"] += 1
-        loss = real(self, *args, **kwargs)
-        return loss * float("nan") if count["n"] in calls else loss
+        out = real(self, *args, **kwargs)
+        if count["n"] not in calls:
+            return out
+        if hasattr(out, "loss"):  # BernoulliVAE.estimate's ELBOEstimate
+            out.loss = out.loss * float("nan")
+            return out
+        return out * float("nan")
 
     monkeypatch.setattr(cls, method, poisoned)
 
@@ -245,10 +250,10 @@ def _model_cls(command):
     if command == "vae":
         from hnca_kernels.models.vae import BernoulliVAE
 
-        return BernoulliVAE, "elbo_loss", "loss (nan)"
-    from hnca_kernels.sequential import StochasticSequential
+        return BernoulliVAE, "estimate", "loss (nan)"
+    from hnca_kernels.record import Record
 
-    return StochasticSequential, "surrogate_loss", "gradient of 0.weight, 0.bias, 1.weight, 1.bias"
+    return Record, "surrogate_loss", "gradient of 0.weight, 0.bias, 1.weight, 1.bias"
 
 
 @pytest.mark.parametrize("command", ["vae", "bandit"])

@@ -1,12 +1,15 @@
 """Layers, StochasticSequential and MovingAverageBaseline: sampling, saturation, bad input."""
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
 import torch.nn as nn
 
 from hnca_kernels import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential, record
+from hnca_kernels.baseline import update_baselines
 
 
 @pytest.mark.parametrize("centered", [False, True])
@@ -116,6 +119,27 @@ def test_moving_average_baseline_uses_earlier_batches_only():
     assert restored.value.item() == pytest.approx(1.75)
     with pytest.raises(ValueError, match="decay"):
         MovingAverageBaseline(1.0)
+
+
+def test_baselines_without_a_process_group_and_their_copies():
+    """One process: update_baselines is each baseline's own update; a process_group is a handle
+    (shared by deepcopy, refused by pickle); a baseline pickled before `sync` existed still loads.
+    The two-rank behaviour is in test_distributed.py."""
+    signals = [torch.tensor([1.0, 2.0]), torch.tensor([-3.0, 0.5, 4.0])]
+    together, alone = [MovingAverageBaseline(0.5) for _ in signals], [MovingAverageBaseline(0.5) for _ in signals]
+    update_baselines(list(zip(together, signals)))
+    for b, s in zip(alone, signals):
+        b.update(s)
+    assert [b.value.item() for b in together] == [b.value.item() for b in alone] == [0.75, 0.25]
+    group = object()  # stands for a torch.distributed ProcessGroup (not picklable either)
+    held = MovingAverageBaseline(0.9, process_group=group)
+    assert copy.deepcopy(held).process_group is group and held._sync_group() is None  # no process group here
+    with pytest.raises(TypeError, match="save its state_dict"):
+        pickle.dumps(held)
+    old = MovingAverageBaseline(0.9, sync=False)
+    assert "sync=False" in repr(old)
+    del old.sync, old._group  # as unpickled from before the attributes existed
+    assert pickle.loads(pickle.dumps(old)).sync is True
 
 
 # ---- bad input -------------------------------------------------------------------------

@@ -281,9 +281,10 @@ def test_hnca_variance_below_reinforce(layers):
     assert strictly > 0
 
 
-def test_baseline_uses_earlier_batches_only_and_is_saved():
+@pytest.mark.parametrize("estimator", ["hnca_baseline", "reinforce_baseline"])
+def test_baseline_uses_earlier_batches_only_and_is_saved(estimator):
     vae, x = make_vae(2), make_x()
-    s0, _ = vae.surrogate(x, "hnca_baseline")
+    s0, _ = vae.surrogate(x, estimator)
     first = vae.baselines[0].value.item()
     assert first != 0.0  # folded in the first batch
     state = vae.state_dict()
@@ -292,8 +293,8 @@ def test_baseline_uses_earlier_batches_only_and_is_saved():
     # gives the same signal as the plain estimator
     vae2 = make_vae(2)
     z = vae.sample_latents(x)
-    s_b, _ = vae2.surrogate(x, "hnca_baseline", latents=z)
-    s_h, _ = vae2.surrogate(x, "hnca", latents=z)
+    s_b, _ = vae2.surrogate(x, estimator, latents=z)
+    s_h, _ = vae2.surrogate(x, estimator.removesuffix("_baseline"), latents=z)
     g_b = torch.autograd.grad(s_b.sum(), vae2.encoder[0].weight)[0]
     g_h = torch.autograd.grad(s_h.sum(), vae2.encoder[0].weight)[0]
     torch.testing.assert_close(g_b, g_h, rtol=0, atol=1e-12)

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import validation
-from ..baseline import MovingAverageBaseline
+from ..baseline import MovingAverageBaseline, update_baselines
 from ..functional import bernoulli_entropy, counterfactual_entropy_delta, counterfactual_log_ratio, hnca_logit_credit
 from ..layers import BernoulliLinear
 from ..metrics import linear_gradient_variance
@@ -200,7 +200,7 @@ class BernoulliVAE(nn.Module):
         return sum((p.logp[m].sum(-1) for m in range(k)), torch.zeros_like(p.ent[0])) + sum(p.ent[: k + 1])
 
     def _hnca_signals(self, p: _Pass, use_baseline: bool):
-        L, signals = self.num_layers, []
+        L, signals, tracked_signals = self.num_layers, [], []
         f_e = p.f_e()
         for k in range(L):
             l, y = p.enc_logits[k].detach(), p.h[k + 1]
@@ -225,7 +225,8 @@ class BernoulliVAE(nn.Module):
             weighted = mediated + green_actual if self.rho_direct else mediated  # what rho multiplies
             if use_baseline:
                 tracked = weighted if self.direct_in_baseline else mediated
-                weighted = weighted - self.baselines[k](tracked)
+                weighted = weighted - self.baselines[k].value  # earlier batches only: updated after the loop
+                tracked_signals.append((self.baselines[k], tracked))
             dec_l = p.dec_logits[k + 1].detach()
             o1, o0 = F.logsigmoid(dec_l), F.logsigmoid(-dec_l)  # orange: o(phi) = log p_{k+1}(unit j = phi | ...)
             common = weighted.unsqueeze(-1) - p.logp[k + 1]     # S - o(actual) (- b), per unit
@@ -236,16 +237,19 @@ class BernoulliVAE(nn.Module):
             rho_part = (torch.sigmoid(-l) * torch.sigmoid(l + d) * x1 - prob * torch.sigmoid(-l - d) * x0
                         + hnca_logit_credit(l, d) * common)
             signals.append(rho_part + direct)
+        update_baselines(tracked_signals)  # one all-reduce for all layers under torch.distributed
         return signals
 
     def _reinforce_signals(self, p: _Pass, use_baseline: bool):
-        f_e, signals = p.f_e(), []
+        f_e, signals, tracked_signals = p.f_e(), [], []
         for k in range(self.num_layers):
             l, y = p.enc_logits[k].detach(), p.h[k + 1]
             total = f_e if self.upstream else f_e - self._upstream(p, k)
             if use_baseline:
-                total = total - self.baselines[k](total)
+                tracked_signals.append((self.baselines[k], total))
+                total = total - self.baselines[k].value  # earlier batches only: updated after the loop
             signals.append((y - torch.sigmoid(l)) * total.unsqueeze(-1))
+        update_baselines(tracked_signals)  # one all-reduce for all layers under torch.distributed
         return signals
 
     def _draw_pair(self, logits: torch.Tensor, estimator: str):
@@ -327,9 +331,15 @@ class BernoulliVAE(nn.Module):
         gradient of the batch-mean ELBO into every ``.grad``. ``x``: [B, data_dim] of 0./1.
 
         ``estimator``: one of ``ESTIMATORS``; ``"hnca_baseline"`` and ``"reinforce_baseline"`` read
-        and then update ``self.baselines`` (earlier batches only). With one layer there are no
-        mediated components, so ``"hnca_baseline"`` equals ``"hnca"``."""
+        and then update ``self.baselines`` (earlier batches only; under torch.distributed with the
+        mean over all ranks, one all-reduce per call). With one layer there are no mediated
+        components, so ``"hnca_baseline"`` equals ``"hnca"``."""
         return self.estimate(x, estimator, **replay).loss
+
+    def forward(self, x: torch.Tensor, estimator: str = "hnca", **replay) -> torch.Tensor:
+        """``elbo_loss``: so that ``DistributedDataParallel(vae)(x, estimator)`` runs through DDP's forward,
+        which its gradient all-reduce needs (calling ``ddp.module.elbo_loss`` would bypass it)."""
+        return self.elbo_loss(x, estimator, **replay)
 
     @torch.no_grad()
     def elbo(self, x: torch.Tensor) -> torch.Tensor:
