@@ -132,3 +132,77 @@ def test_captured_vae_step_matches_eager_and_draws_anew(estimator):
             out = step(x)
         grads[name] = out.clone()
     torch.testing.assert_close(grads["graph"], grads["eager"])
+
+
+# ---- the experiments' device loop, run on the CPU without graphs: the same as the eager loop ----
+def _args(**kw):
+    import argparse
+    base = dict(batch_size=10, estimator="hnca", baseline=True, on_nonfinite="stop", cuda_graphs=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_bandit_device_epoch_equals_the_eager_epoch():
+    from hnca_kernels.experiments import bandit, common
+
+    x, y = torch.rand(40, 30), torch.randint(0, 10, (40,))
+    results = []
+    for on_device in (False, True):
+        torch.manual_seed(0)
+        model = bandit.build_model(2, 12, 10, in_features=30)
+        opt, base = torch.optim.Adam(model.parameters(), lr=1e-2), MovingAverageBaseline(0.9)
+        rng = torch.Generator().manual_seed(5)
+        args = _args()
+        if on_device:
+            steps = common.DeviceEpoch(bandit._step(model, opt, base, args), graphs=False)
+            acc, var, bad = bandit.device_epoch(steps, rng, x, y, args, torch.device("cpu"))
+            assert bad is None
+        else:
+            acc, var = bandit.train_epoch(model, opt, base, rng, x, y, args, torch.device("cpu"),
+                                          common.Divergence("stop"))
+        results.append((acc, var, [p.detach().clone() for p in model.parameters()], base.value.clone()))
+    (a1, v1, p1, b1), (a2, v2, p2, b2) = results
+    assert a1 == a2 and v1 == pytest.approx(v2, rel=1e-12) and torch.equal(b1, b2)
+    for u, w in zip(p1, p2):
+        torch.testing.assert_close(u, w, rtol=0, atol=0)
+
+
+def test_vae_device_epoch_equals_the_eager_epoch():
+    from tqdm import tqdm
+
+    from hnca_kernels.experiments import common
+    from hnca_kernels.experiments import vae as vae_cli
+
+    x_epoch = (torch.rand(40, 30) < 0.4).float()
+    results = []
+    for on_device in (False, True):
+        torch.manual_seed(0)
+        vae = BernoulliVAE(2, hidden=12, data_dim=30)
+        opt = torch.optim.Adam(vae.parameters(), lr=1e-2)
+        args = _args(estimator="hnca_baseline")
+        with tqdm(disable=True) as bar:
+            if on_device:
+                steps = common.DeviceEpoch(vae_cli._step(vae, opt, args.estimator), graphs=False)
+                elbo, var, count, bad = steps.run(((x_epoch[k:k + 10],) for k in range(0, 40, 10)), bar)
+                assert bad is None and count == 4
+                var *= count
+            else:
+                elbo, _, var, count = vae_cli._eager_epoch(args, vae, opt, common.Divergence("stop"), x_epoch, bar,
+                                                           1, 0)
+        results.append((elbo, var, [p.detach().clone() for p in vae.parameters()]))
+    (e1, v1, p1), (e2, v2, p2) = results
+    assert e1 == pytest.approx(e2, rel=1e-6) and v1 == pytest.approx(v2, rel=1e-9)
+    for u, w in zip(p1, p2):
+        torch.testing.assert_close(u, w, rtol=0, atol=0)
+
+
+def test_device_epoch_reports_the_first_nonfinite_batch():
+    from hnca_kernels.experiments import common
+
+    def step(v):
+        return v.sum(), v.sum(), torch.isfinite(v).all()
+
+    batches = [(torch.ones(2),), (torch.ones(2),), (torch.tensor([1.0, float("nan")]),), (torch.full((2,), float("inf")),)]
+    total, variance, count, bad = common.DeviceEpoch(step, graphs=False).run(batches)
+    assert count == 4 and bad == 3
+    assert common.DeviceEpoch(step, graphs=False).run(batches[:2]) == (4.0, 2.0, 2, None)

@@ -74,18 +74,49 @@ def _start(args, run: RunDir, classes: int, device: torch.device):
     common.seed_everything(args.seed)
     model = build_model(args.layers, args.width, classes).to(device)  # before the optimizer: its state follows the params
     baseline = MovingAverageBaseline(0.99).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    graphs = args.cuda_graphs and common.device_loop(args, device)
+    optimizer = common.make_optimizer(model.parameters(), args.lr, device, graphs)
     data_rng = torch.Generator().manual_seed(args.seed)
     if (state := run.checkpoint) is not None:  # tensors load on the CPU and are copied to the device
         try:
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            common.load_optimizer(optimizer, state["optimizer"])
             baseline.load_state_dict(state["baseline"])
             data_rng.set_state(state["data_rng"])
             common.set_rng_state(state["rng"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CommandError(f"{run.path / CHECKPOINT} does not fit this run ({one_line(exc)})") from None
     return model, optimizer, baseline, data_rng
+
+
+def _step(model, optimizer, baseline, args):
+    """One training step that never waits for the GPU: (sum of the rewards, the gradient variance
+    metric, whether the loss and gradients were finite), all device tensors."""
+    def step(images, labels):
+        with record() as rec:
+            action = model(images)
+        reward = (action == labels).to(images.dtype)
+        b = baseline(reward) if args.baseline else 0.0
+        optimizer.zero_grad(set_to_none=True)
+        loss = rec.surrogate_loss(reward, estimator=args.estimator, baseline=b)
+        loss.backward()
+        finite = common.finite_flag(loss, model.parameters())
+        optimizer.step()
+        return reward.sum(), rec.gradient_variance(as_tensor=True), finite
+    return step
+
+
+def device_epoch(steps: common.DeviceEpoch, data_rng, x, y, args, device, progress=None):
+    """``train_epoch`` on the GPU without waiting for it (the same data order and binarization):
+    (mean reward, mean gradient variance, 1-based index of the first non-finite batch or None)."""
+    n = x.shape[0]
+    order = torch.randperm(n, generator=data_rng)
+    # the whole epoch binarized at once draws the same uniforms as batch by batch
+    images, labels = binarize(x[order], generator=data_rng).to(device), y[order].to(device)
+    bs = args.batch_size
+    batches = ((images[k : k + bs], labels[k : k + bs]) for k in range(0, n, bs))
+    reward_sum, variance, _, bad = steps.run(batches, progress)
+    return reward_sum / n, variance, bad
 
 
 def train_epoch(model, optimizer, baseline, data_rng, x, y, args, device, guard, progress=None):
@@ -158,6 +189,8 @@ def run(args) -> int:
 def _train(args, config, run_dir, model, optimizer, baseline, data_rng, train_x, train_y, test_x, test_y, device):
     done = run_dir.epoch
     guard = common.Divergence(args.on_nonfinite)
+    on_device = common.device_loop(args, device)
+    steps = common.DeviceEpoch(_step(model, optimizer, baseline, args), args.cuda_graphs) if on_device else None
     batches = math.ceil(train_x.shape[0] / args.batch_size)
     label = f"{args.estimator}{'+baseline' if args.baseline else ''}, {args.layers} layer(s)"
     with use_backend(args.backend), tqdm(total=args.epochs * batches, initial=done * batches, desc=label,
@@ -165,11 +198,16 @@ def _train(args, config, run_dir, model, optimizer, baseline, data_rng, train_x,
         for epoch in range(done + 1, args.epochs + 1):
             started = time.perf_counter()
             guard.start_epoch()
-            try:
-                train_acc, variance = train_epoch(model, optimizer, baseline, data_rng, train_x, train_y, args,
-                                                  device, guard, progress)
-            except NonFinite as problem:
-                raise guard.stopped(problem, f"epoch {epoch}, batch {guard.batch}", run_dir.epoch) from None
+            if on_device:
+                train_acc, variance, bad = device_epoch(steps, data_rng, train_x, train_y, args, device, progress)
+                if bad is not None:
+                    raise guard.stopped(NonFinite("loss or gradient"), f"epoch {epoch}, batch {bad}", run_dir.epoch)
+            else:
+                try:
+                    train_acc, variance = train_epoch(model, optimizer, baseline, data_rng, train_x, train_y, args,
+                                                      device, guard, progress)
+                except NonFinite as problem:
+                    raise guard.stopped(problem, f"epoch {epoch}, batch {guard.batch}", run_dir.epoch) from None
             try:
                 if guard.skipped == batches:
                     raise NonFinite("loss or gradient")

@@ -47,6 +47,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-nonfinite", choices=ON_NONFINITE, default="stop",
                    help="a non-finite loss or gradient: stop (keeping the last checkpoint, exit 1; default) or "
                         "skip the batch (counted in the metrics as skipped_batches)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a GPU, capture each training step in a CUDA graph and replay it (default on; "
+                        "--on-nonfinite skip runs eagerly)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -204,3 +207,74 @@ def load_split(dataset: str, split: str, root, limit: int | None) -> tuple[torch
     except DatasetError as exc:
         raise CommandError(f"cannot load {DATASET_NAMES[dataset]}: {exc}") from None
     return x[:limit], y[:limit], classes
+
+
+# ----------------------------------------------------------------------------- GPU steps
+
+def device_loop(args, device: torch.device) -> bool:
+    """Whether training runs the device loop (``DeviceEpoch``): on a GPU, unless a skipped batch
+    needs a decision on the host (``--on-nonfinite skip`` keeps the eager loop)."""
+    return device.type == "cuda" and args.on_nonfinite == "stop"
+
+
+def make_optimizer(params, lr: float, device: torch.device, graphs: bool) -> torch.optim.Optimizer:
+    """Adam; on a GPU fused (one kernel for all parameters) and capturable when steps are graphed."""
+    if device.type != "cuda":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr, fused=True, capturable=graphs)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restore ``state`` into ``optimizer``, keeping how this optimizer runs (fused, capturable,
+    foreach): a run checkpointed on the CPU resumes on a GPU and back."""
+    how = [{k: g.get(k) for k in ("fused", "capturable", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, how):
+        group.update(kept)
+    for group in optimizer.param_groups:  # a capturable or fused Adam keeps its step count on the device
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                on_device = group.get("capturable") or group.get("fused")
+                optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
+
+
+def finite_flag(loss: torch.Tensor, params) -> torch.Tensor:
+    """A device bool: the loss and every gradient are finite (no host synchronisation)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack(torch._foreach_norm(grads)).sum() if grads else loss.new_zeros(())
+    return torch.isfinite(loss) & torch.isfinite(norms)
+
+
+class DeviceEpoch:
+    """Runs a step ``step(*batch) -> (value, variance, finite)`` of device tensors over an epoch's
+    batches without waiting for the GPU: sums stay on the device and the first non-finite batch is
+    found after the epoch (the policy "stop": the previous checkpoint is kept). The step runs in a
+    CUDA graph (``hnca_kernels.CapturedStep``) unless ``graphs`` is False; its last, smaller batch
+    (if any) runs eagerly."""
+
+    def __init__(self, step, graphs: bool):
+        from .. import CapturedStep
+
+        self.step = CapturedStep(step, enabled=graphs)
+
+    def run(self, batches, progress=None) -> tuple[float, float, int, int | None]:
+        """(sum of the values, mean variance, batches, 1-based index of the first non-finite batch or None)."""
+        total = variance = first_bad = None
+        count = 0
+        for batch in batches:
+            value, var, finite = self.step(*batch)
+            count += 1
+            if total is None:
+                total, variance = value.double().clone(), var.double().clone()
+                first_bad = torch.where(finite, 0, count)
+            else:
+                total += value
+                variance += var
+                first_bad = torch.where((first_bad == 0) & ~finite, count, first_bad)
+            if progress is not None:
+                progress.update(1)
+        if total is None:
+            return 0.0, math.nan, 0, None
+        bad = int(first_bad)
+        return float(total), float(variance) / count, count, (bad or None)

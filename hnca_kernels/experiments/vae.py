@@ -118,11 +118,12 @@ def run_vae(args: argparse.Namespace) -> int:
         with torch.no_grad():  # the output bias starts at the logit of the mean pixel intensity
             mean = x_train.mean(0).clamp(1e-3, 1 - 1e-3)
             vae.decoder[0].bias.copy_(torch.log(mean) - torch.log1p(-mean))
-        opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
+        graphs = args.cuda_graphs and common.device_loop(args, device)
+        opt = common.make_optimizer(vae.parameters(), args.lr, device, graphs)
         if (state := run.checkpoint) is not None:
             def restore():
                 vae.load_state_dict(state["model"])
-                opt.load_state_dict(state["optimizer"])
+                common.load_optimizer(opt, state["optimizer"])
                 data_rng.set_state(state["data_rng"])
                 common.set_rng_state(state["rng"])
 
@@ -135,56 +136,89 @@ def run_vae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _step(vae: BernoulliVAE, opt, estimator: str):
+    """One training step that never waits for the GPU: (sum of the ELBO samples, the gradient
+    variance metric, whether the loss and gradients were finite), all device tensors."""
+    def step(x):
+        estimate = vae.estimate(x, estimator)
+        opt.zero_grad(set_to_none=True)
+        estimate.loss.backward()
+        finite = common.finite_flag(estimate.loss, vae.parameters())
+        opt.step()
+        total, count = estimate.gradient_variance(as_tensor=True)
+        return estimate.elbo.sum(), total / count, finite
+    return step
+
+
+def _eager_epoch(args, vae, opt, guard, x_epoch, bar, epoch, saved):
+    """The epoch one step at a time, checking each step on the host (``--on-nonfinite`` either way):
+    (sum of the ELBO samples, examples, sum of the variance metric, batches)."""
+    skip = args.on_nonfinite == "skip"
+    bs = args.batch_size
+    elbo_sum, var_sum, seen, batches = 0.0, 0.0, 0, 0
+    for step in range(math.ceil(x_epoch.shape[0] / bs)):
+        x = x_epoch[step * bs : (step + 1) * bs]
+        buffers = [b.clone() for b in vae.buffers()] if skip else None  # the baselines' state
+        estimate = vae.estimate(x, args.estimator)
+        opt.zero_grad(set_to_none=True)
+        estimate.loss.backward()
+        value = estimate.loss.item()
+        bar.update(1)
+        try:
+            if not guard.step_ok(vae, value):
+                with torch.no_grad():
+                    for b, kept in zip(vae.buffers(), buffers):
+                        b.copy_(kept)
+                continue
+            opt.step()
+            guard.after_step(vae)
+        except NonFinite as problem:
+            raise guard.stopped(problem, f"epoch {epoch}, batch {guard.batch}", saved) from None
+        elbo_sum += -value * x.shape[0]
+        seen += x.shape[0]
+        total, count = estimate.gradient_variance()
+        var_sum += total / count
+        batches += 1
+        if step % 20 == 0:
+            bar.set_postfix(elbo=f"{elbo_sum / seen:.2f}")
+    return elbo_sum, seen, var_sum, batches
+
+
 def _train(args, run: RunDir, vae: BernoulliVAE, opt, data_rng, x_train, x_test, device) -> None:
     from tqdm import tqdm
 
     guard = common.Divergence(args.on_nonfinite)
-    skip = args.on_nonfinite == "skip"
     n, bs = x_train.shape[0], args.batch_size
     steps = math.ceil(n / bs)
+    on_device = common.device_loop(args, device)
+    device_epoch = common.DeviceEpoch(_step(vae, opt, args.estimator), args.cuda_graphs) if on_device else None
     for epoch in range(run.epoch + 1, args.epochs + 1):
         began = time.perf_counter()
         order = torch.randperm(n, generator=data_rng, device=device)
         x_epoch = binarize(x_train[order], data_rng)  # dynamic binarization: new pixels every epoch
-        elbo_sum, var_sum, seen, batches = 0.0, 0.0, 0, 0
         guard.start_epoch()
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{args.epochs}", disable=args.no_progress,
-                   leave=False, mininterval=2.0)
-        for step in bar:
-            x = x_epoch[step * bs : (step + 1) * bs]
-            buffers = [b.clone() for b in vae.buffers()] if skip else None  # the baselines' state
-            estimate = vae.estimate(x, args.estimator)
-            opt.zero_grad(set_to_none=True)
-            estimate.loss.backward()
-            value = estimate.loss.item()
-            try:
-                if not guard.step_ok(vae, value):
-                    with torch.no_grad():
-                        for b, saved in zip(vae.buffers(), buffers):
-                            b.copy_(saved)
-                    continue
-                opt.step()
-                guard.after_step(vae)
-            except NonFinite as problem:
-                raise guard.stopped(problem, f"epoch {epoch}, batch {guard.batch}", run.epoch) from None
-            elbo_sum += -value * x.shape[0]
-            seen += x.shape[0]
-            total, count = estimate.gradient_variance()
-            var_sum += total / count
-            batches += 1
-            if step % 20 == 0:
-                bar.set_postfix(elbo=f"{elbo_sum / seen:.2f}")
+        with tqdm(total=steps, desc=f"epoch {epoch}/{args.epochs}", disable=args.no_progress, leave=False,
+                  mininterval=2.0) as bar:
+            if on_device:
+                batches = ((x_epoch[k * bs : (k + 1) * bs],) for k in range(steps))
+                elbo_sum, var_sum, batches_done, bad = device_epoch.run(batches, bar)
+                if bad is not None:
+                    raise guard.stopped(NonFinite("loss or gradient"), f"epoch {epoch}, batch {bad}", run.epoch)
+                seen, var_sum = n, var_sum * batches_done
+            else:
+                elbo_sum, seen, var_sum, batches_done = _eager_epoch(args, vae, opt, guard, x_epoch, bar, epoch,
+                                                                     run.epoch)
         try:
-            if batches == 0:
+            if batches_done == 0:
                 raise NonFinite("loss or gradient")
             common.Divergence.check_state(vae.state_dict())
         except NonFinite as problem:
-            where = f"every batch of epoch {epoch}" if batches == 0 else f"the end of epoch {epoch}"
+            where = f"every batch of epoch {epoch}" if batches_done == 0 else f"the end of epoch {epoch}"
             raise guard.stopped(problem, where, run.epoch) from None
-        record = {"epoch": epoch, "train_elbo": elbo_sum / seen, "grad_variance": var_sum / batches,
+        record = {"epoch": epoch, "train_elbo": elbo_sum / seen, "grad_variance": var_sum / batches_done,
                   "seconds": time.perf_counter() - began}
         record["log_grad_variance"] = math.log(record["grad_variance"]) if record["grad_variance"] > 0 else None
-        if skip:
+        if args.on_nonfinite == "skip":
             record["skipped_batches"] = guard.skipped
         if epoch % args.test_every == 0 or epoch == args.epochs:
             # its own random stream: testing (or not) leaves training unchanged, so --resume
