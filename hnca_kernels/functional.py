@@ -57,15 +57,30 @@ def _check_linear_inputs(x, weight, logits):
         raise ValueError(f"logits has shape {tuple(logits.shape)}, expected {(batch, out_features)}")
 
 
+def _check_on_device(good: torch.Tensor, error: ValueError) -> None:
+    """Raise ``error`` where ``good`` (a one-element bool tensor) is False.
+
+    On the CPU at once; elsewhere by a device-side assert, so that no message call waits for the
+    GPU (``bool(good)`` would synchronise the host). A failed device assert ends the process's use
+    of that GPU, as for any out-of-bounds index: these checks catch programming errors.
+    """
+    if good.device.type == "cpu":
+        if not good:
+            raise error
+    else:
+        torch._assert_async(good, f"hnca: {error}")
+
+
 def _backend_for_parents(backend, x, lo, hi):
     """The backend module, after checking that x holds only lo and hi where it does not.
 
-    A backend with ``CHECKS_PARENT_VALUES = True`` (cpp) raises the same ValueError itself, in its
-    pass over x; the check costs a few tiny ops per call, a quarter of a message at B=50.
+    A backend with ``CHECKS_PARENT_VALUES = True`` (cpp, cuda, triton) checks in its own pass over x
+    (raising the same ValueError on the CPU, asserting on the device on a GPU); the check here costs
+    a few tiny ops per call, a quarter of a message at B=50.
     """
     impl = get_backend(backend, x.device)
-    if not getattr(impl, "CHECKS_PARENT_VALUES", False) and x.numel() and not ((x == lo) | (x == hi)).all():
-        raise bad_parent_values(lo, hi)
+    if not getattr(impl, "CHECKS_PARENT_VALUES", False) and x.numel():
+        _check_on_device(((x == lo) | (x == hi)).all(), bad_parent_values(lo, hi))
     return impl
 
 
@@ -109,8 +124,9 @@ def categorical_counterfactual_log_ratio(x, weight, logits, a, *, parent_values=
         raise ValueError(f"a is on {a.device} but x is on {x.device}")
     impl = _backend_for_parents(backend, x, lo, hi)
     # the class range too is checked by a backend that checks the parents (two reductions here)
-    if not getattr(impl, "CHECKS_PARENT_VALUES", False) and a.numel() and (a.min() < 0 or a.max() >= logits.shape[1]):
-        raise ValueError(f"a must hold class indices in [0, {logits.shape[1]})")
+    if not getattr(impl, "CHECKS_PARENT_VALUES", False) and a.numel():
+        error = ValueError(f"a must hold class indices in [0, {logits.shape[1]})")
+        _check_on_device(((a >= 0) & (a < logits.shape[1])).all(), error)
     return impl.categorical_log_ratio(x, weight, logits, a.long(), lo, hi)
 
 
