@@ -206,3 +206,23 @@ def test_build_failure_falls_back_to_reference_with_one_warning(monkeypatch):
             Fn.counterfactual_log_ratio(x, weight, logits, y, parent_values=pv, backend="cpp")
     finally:
         _extension.load.cache_clear()  # the next load finds the real build (cached on disk)
+
+
+def test_cpu_machines_get_no_cuda_runtime_warning():
+    """Importing torch.utils.cpp_extension on a machine with a CUDA toolkit and no GPU logs
+    "No CUDA runtime is found"; building and using the cpp backend must not print it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, hnca_kernels\n"
+        "from hnca_kernels import functional as Fn\n"
+        "x = torch.ones(2, 3)\n"
+        "out = Fn.counterfactual_log_ratio(x, torch.zeros(4, 3), torch.zeros(2, 4), torch.zeros(2, 4), backend='cpp')\n"
+        "assert out.shape == (2, 3)\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("ok")
+    assert "No CUDA runtime" not in run.stderr, run.stderr
