@@ -205,7 +205,7 @@ if triton is not None:
 
     # ---- Bernoulli children --------------------------------------------------------------------
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B", "IN", "OUT"])
     def _bernoulli_prologue_kernel(
         w_ptr, l_ptr, y_ptr, tab_ptr, bound_ptr, uv_ptr,
         B, IN, OUT, LDI, LDB,
@@ -251,7 +251,7 @@ if triton is not None:
             tl.store(out, sigma * u, mask=ok)
             tl.store(out + 1, sigma * v, mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B", "IN", "OUT", "B_KEY"])
     def _bernoulli_kernel(
         x_ptr, w_ptr, tab_ptr, bound_ptr, uv_ptr, l_ptr, y_ptr, d_ptr, ok_ptr,
         B, IN, OUT, LDI, LDB, B_KEY,
@@ -309,7 +309,7 @@ if triton is not None:
 
     # ---- entropy delta -------------------------------------------------------------------------
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B", "IN", "OUT"])
     def _entropy_prologue_kernel(
         w_ptr, l_ptr, tab_ptr, bound_ptr, uk_ptr,
         B, IN, OUT, LDI, LDB,
@@ -352,7 +352,7 @@ if triton is not None:
             tl.store(out, tl.where(l > 0, u, -u), mask=ok)
             tl.store(out + 1, -a * inv, mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B", "IN", "OUT", "B_KEY"])
     def _entropy_kernel(
         x_ptr, w_ptr, tab_ptr, bound_ptr, uk_ptr, l_ptr, d_ptr, ok_ptr,
         B, IN, OUT, LDI, LDB, B_KEY,
@@ -403,7 +403,7 @@ if triton is not None:
 
     # ---- softmax child -------------------------------------------------------------------------
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B", "IN", "K"])
     def _categorical_prologue_kernel(
         w_ptr, l_ptr, a_ptr, ok_ptr, tab_ptr, top_ptr, pi_ptr,
         B, IN, K, LDI, LDB,
@@ -462,7 +462,7 @@ if triton is not None:
                 tl.store(out, _exp(log_pi, ACCURATE), mask=m)
                 tl.store(out + K * LDB, log_pi, mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B", "IN", "K", "B_KEY"])
     def _categorical_kernel(
         x_ptr, w_ptr, tab_ptr, top_ptr, pi_ptr, a_ptr, d_ptr, ok_ptr,
         B, IN, K, LDI, LDB, B_KEY,
@@ -548,6 +548,11 @@ else:
 
 
 # ---- launchers -----------------------------------------------------------------------------
+# NOTE: the kernels do not specialise on B, in, out (do_not_specialize): one compiled kernel per
+# tile serves every shape (a kernel with its unrolled logs compiles in seconds; specialising on
+# divisibility by 16 would compile each config again per shape class, for one vector load of x
+# per program). The row strides LDI, LDB (multiples of 16) stay specialised: the inner loop's
+# loads are vectorised by them.
 
 # Bernoulli: the running product of a chunk stays within exp(+-LIMIT); the LIMIT also makes an
 # underflowed u or v negligible (see the module docstring).
