@@ -64,6 +64,7 @@ program, from a seed tensor drawn on the input's device (see ``bernoulli_linear`
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -617,6 +618,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+@functools.lru_cache(maxsize=64)
 def _in_dtype(value: float, dtype: torch.dtype) -> float:
     """value rounded to dtype (on the CPU: no device work), so the kernel compares exactly."""
     return torch.tensor(value, dtype=dtype).item()
@@ -635,32 +637,35 @@ def _pads(B: int, n_in: int) -> tuple[int, int]:
     return _pad(n_in, max(s[1] for s in specs)), _pad(B, max(s[0] for s in specs))
 
 
-_OK_WORDS: dict[torch.device, torch.Tensor] = {}
+_OK_WORDS: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def _ok_word(device: torch.device) -> torch.Tensor:
-    """[parents ok, classes ok] for a kernel to clear: fresh on the CPU (read after the launch),
-    one persistent pair per GPU (checked by a device assert; a failed assert ends the process's
-    use of that GPU, so it never needs resetting)."""
+def _ok_word(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[parents ok, classes ok] for a kernel to clear, with a view of each flag: fresh on the CPU
+    (read after the launch), one persistent pair per GPU (checked by a device assert; a failed
+    assert ends the process's use of that GPU, so it never needs resetting)."""
     if device.type == "cpu":
-        return torch.ones(2, dtype=torch.int32)
-    word = _OK_WORDS.get(device)
-    if word is None:
-        word = _OK_WORDS[device] = torch.ones(2, dtype=torch.int32, device=device)
-    return word
+        word = torch.ones(2, dtype=torch.int32)
+        return word, word[0], word[1]
+    words = _OK_WORDS.get(device)
+    if words is None:
+        word = torch.ones(2, dtype=torch.int32, device=device)
+        words = _OK_WORDS[device] = (word, word[0], word[1])
+    return words
 
 
-def _check(ok: torch.Tensor, lo: float, hi: float, classes: int | None = None) -> None:
+def _check(ok, lo: float, hi: float, classes: int | None = None) -> None:
     """Raise (CPU) or assert on the device (CUDA, no synchronisation) what the kernel found."""
-    if ok.device.type == "cpu":
-        if not ok[0]:
+    word, parents_ok, classes_ok = ok
+    if word.device.type == "cpu":
+        if not parents_ok:
             raise bad_parent_values(lo, hi)
-        if classes is not None and not ok[1]:
+        if classes is not None and not classes_ok:
             raise ValueError(f"a must hold class indices in [0, {classes})")
     else:
-        torch._assert_async(ok[0], "hnca: x must hold only the parent values (lo or hi)")
+        torch._assert_async(parents_ok, "hnca: x must hold only the parent values (lo or hi)")
         if classes is not None:
-            torch._assert_async(ok[1], "hnca: a must hold class indices in [0, classes)")
+            torch._assert_async(classes_ok, "hnca: a must hold class indices in [0, classes)")
 
 
 def _launch(kind, tuned, kernel, B, n_in, args, kwargs):
@@ -716,7 +721,7 @@ def bernoulli_log_ratio(x, weight, logits, y, lo, hi):
             W_DELTA=hi_x - lo_x, LIMIT=_LIMIT[dt], ACCURATE=accurate, ROW_BLOCK=min(_ROW_BLOCK, triton.next_power_of_2(ldi)), PB=_PB, PJ=_PJ,
         )
     _launch("bernoulli", _BERNOULLI_TUNED if not _INTERPRETED else None, _bernoulli_kernel, B, n_in,
-            (x, weight, tables, bound, uv, logits, y, d, ok, B, n_in, n_out, ldi, ldb, triton.next_power_of_2(B)),
+            (x, weight, tables, bound, uv, logits, y, d, ok[0], B, n_in, n_out, ldi, ldb, triton.next_power_of_2(B)),
             dict(LO=lo_x, HI=hi_x, LIMIT=_LIMIT[dt], ACCURATE=accurate, PAIRED=dt == torch.float32))
     _check(ok, lo, hi)
     return d
@@ -740,7 +745,7 @@ def entropy_delta(x, weight, logits, lo, hi):
             PB=_PB, PJ=_PJ,
         )
     _launch("entropy", _ENTROPY_TUNED if not _INTERPRETED else None, _entropy_kernel, B, n_in,
-            (x, weight, tables, bound, uk, logits, d, ok, B, n_in, n_out, ldi, ldb, triton.next_power_of_2(B)),
+            (x, weight, tables, bound, uk, logits, d, ok[0], B, n_in, n_out, ldi, ldb, triton.next_power_of_2(B)),
             dict(LO=lo_x, HI=hi_x, LIMIT=_ENTROPY_LIMIT, ACCURATE=accurate, PAIRED=dt == torch.float32))
     _check(ok, lo, hi)
     return d
@@ -764,11 +769,11 @@ def categorical_log_ratio(x, weight, logits, a, lo, hi):
     pi = torch.empty(2, K, ldb, dtype=dt, device=x.device)  # pi and log pi, transposed
     accurate = not _INTERPRETED
     _categorical_prologue_kernel[(triton.cdiv(ldi, _CB) + triton.cdiv(ldb, _RB),)](
-        weight, logits, a, ok, tables, top, pi, B, n_in, K, ldi, ldb,
+        weight, logits, a, ok[0], tables, top, pi, B, n_in, K, ldi, ldb,
         W_DELTA=hi_x - lo_x, ACCURATE=accurate, CB=_CB, RB=_RB, KB=min(64, triton.next_power_of_2(K)),
     )
     _launch("categorical", _CATEGORICAL_TUNED if not _INTERPRETED else None, _categorical_kernel, B, n_in,
-            (x, weight, tables, top, pi, a, d, ok, B, n_in, K, ldi, ldb, triton.next_power_of_2(B)),
+            (x, weight, tables, top, pi, a, d, ok[0], B, n_in, K, ldi, ldb, triton.next_power_of_2(B)),
             dict(LO=lo_x, HI=hi_x, LIMIT=_SPREAD_LIMIT[dt], ACCURATE=accurate))
     _check(ok, lo, hi, K)
     return d
