@@ -360,3 +360,17 @@ def test_messages_and_fused_forward_replay_in_a_cuda_graph():
             torch.testing.assert_close(ours, theirs)
         samples.append(captured[3].clone())
     assert not torch.equal(samples[0], samples[1])  # each replay draws a new seed
+
+
+@gpu_only
+def test_messages_stay_float32_exact_with_tf32_allowed(monkeypatch):
+    """No message uses a matrix unit (the softmax child's two GEMMs are FMAs in the kernel), so
+    allowing TF32 for matmuls changes nothing: float32 rounding against the float64 reference."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    x, weight, logits, pv, g = make_layer(70, 130, 90, "pm1", torch.float32)
+    weight = weight / 4
+    y = torch.where(torch.rand(logits.shape, generator=g) < torch.sigmoid(logits), 1.0, -1.0)
+    a = torch.multinomial(torch.softmax(logits.double(), -1), 1, generator=g).squeeze(1)
+    check("counterfactual_log_ratio", (x, weight, logits, y), pv, "f32")
+    check("counterfactual_entropy_delta", (x, weight, logits), pv, "f32")
+    check("categorical_counterfactual_log_ratio", (x, weight, logits, a), pv, "f32")

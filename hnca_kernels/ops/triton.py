@@ -592,6 +592,8 @@ def _configs(specs):
 # - The tables' L2 traffic is (B/BLOCK_B) x in x out x 8 bytes: 17 GB at B = in = out = 4096 with
 #   BLOCK_B = 32, ~3 ms of H100 L2 bandwidth beside ~10 ms of arithmetic; BLOCK_B = 64 halves it.
 # - Small tiles keep small shapes spread over the SMs (B=50, in=200: 16 programs of 16x64).
+# - num_stages is 1: the per-child loads sit inside the chunk branch, and at 3 stages the
+#   SASS has no asynchronous copies, only a larger spill stack.
 _BERNOULLI_SPECS = [(64, 128, 4, None), (64, 128, 4, 168), (128, 128, 8, None), (32, 128, 4, 128),
                     (32, 128, 4, None), (16, 64, 2, None)]
 _ENTROPY_SPECS = [(32, 128, 4, None), (64, 128, 8, None), (16, 128, 4, None), (16, 64, 2, None)]
@@ -690,11 +692,14 @@ def _prologue_grid(ldb: int, n_out: int) -> int:
 
 
 def _common(x, weight, logits, lo, hi):
-    """Contiguous inputs, the compute dtype, lo/hi as stored in x, the output, the ok word and
-    the padded row lengths."""
-    x, weight, logits = x.contiguous(), weight.contiguous(), logits.contiguous()
+    """Contiguous inputs in the compute dtype, that dtype, lo/hi as stored in x, the output, the
+    ok word and the padded row lengths.
+
+    float16/bfloat16 inputs are converted here (an elementwise pass, small beside a message), so
+    that the kernels are compiled for float32 and float64 only."""
     dt = _acc_dtype(logits.dtype)
     lo_x, hi_x = _in_dtype(lo, x.dtype), _in_dtype(hi, x.dtype)
+    x, weight, logits = (t.to(dt).contiguous() for t in (x, weight, logits))
     d = torch.empty(x.shape, dtype=dt, device=x.device)
     ldi, ldb = _pads(*x.shape)
     return x, weight, logits, dt, lo_x, hi_x, d, _ok_word(x.device), ldi, ldb
@@ -706,7 +711,7 @@ _PB, _PJ, _ROW_BLOCK = 32, 32, 1024
 def bernoulli_log_ratio(x, weight, logits, y, lo, hi):
     """d [B, in]: see ``hnca_kernels.ops.reference.bernoulli_log_ratio``."""
     x, weight, logits, dt, lo_x, hi_x, d, ok, ldi, ldb = _common(x, weight, logits, lo, hi)
-    y = y.contiguous()
+    y = y.to(dt).contiguous()
     B, n_in = x.shape
     n_out = weight.shape[0]
     if d.numel() == 0:
@@ -855,7 +860,8 @@ def tuned_kernel(kind: str):
     return globals().get(TUNED[kind])
 
 
-# the environment may pin a tile for every kernel, e.g. HNCA_TRITON_TILE=64,128,4,0 (0: no register cap)
+# the environment may pin a tile for every kernel, e.g. HNCA_TRITON_TILE=64,128,4,0 (0: no register
+# cap): no autotuning (tests/conftest.py does so on a GPU, where every shape would be autotuned)
 if os.environ.get("HNCA_TRITON_TILE"):
     _tile = tuple(int(v) for v in os.environ["HNCA_TRITON_TILE"].split(","))
     _FORCED_TILE.update({k: (*_tile[:3], _tile[3] if len(_tile) > 3 and _tile[3] else None) for k in _FORCED_TILE})
