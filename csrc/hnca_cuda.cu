@@ -25,15 +25,15 @@
 // - No host synchronisation: bounds are computed on the device; parent values (and class
 //   indices) are checked inside the kernels, which clear a flag of a per-device pair that
 //   at::_assert_async checks (a device-side assert, as for an out-of-range index).
-// NOTE (sm_90 SASS of the inner loops, nvcc 13, float32): Bernoulli 160 instructions for a
-// thread's 32 terms of a child, 5.0 a term (FSETP.NEU.XOR, FSEL, 2 FFMA; the rest the child's
-// loads, fired compares and addresses), 168 registers (3 blocks of 4 warps per SM); entropy 10.7
-// a term (one MUFU.RCP), 255 registers; softmax 2.3 (2 FFMA), 168 registers. Without the
-// `hi_here` trick in the loops the compiler hoists the 32 compares x != hi, packs them into the
-// bits of one register and spends a LOP3 a term extracting one (6.2 a term). The q-form keeps the
-// CPU contract (relative accuracy for saturated children) at the same count as a product form.
-// The tile sizes are a first guess for an H100; benchmarks/gpu_kernels.py measures them against
-// the Triton kernels and cuBLAS. float16/bfloat16 inputs are computed in float32.
+// NOTE (sm_90 SASS of the inner loops, nvcc 13, float32): Bernoulli 167 instructions for a
+// thread's 32 terms of a child, 5.2 a term (LOP3 extracting the parent's side from a bit field the
+// compiler packs, FSETP.XOR with the child's sample, FSEL, 2 FFMA), 128 registers (4 blocks of 4
+// warps per SM); keeping x in registers instead (the entropy's `hi_here`) gives 5.0 a term at 168
+// registers (3 blocks), so the bit field stays. Entropy 10.7 a term (one MUFU.RCP), 255 registers;
+// softmax 2.3 (2 FFMA), 168 registers. The q-form keeps the CPU contract (relative accuracy for
+// saturated children) at the same count as a product form. The tile sizes are a first guess for
+// an H100; benchmarks/gpu_kernels.py measures them against the Triton kernels and cuBLAS.
+// float16/bfloat16 inputs are computed in float32.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -256,10 +256,6 @@ __global__ void __launch_bounds__(kThreads) bernoulli_kernel(
       spent += r;
       const Vec4<T> plus = load4(&s_tab[jj][0][threadIdx.x * kCols]);
       const Vec4<T> minus = load4(&s_tab[jj][1][threadIdx.x * kCols]);
-      // hi again, but unknown to the compiler before the child (r is finite here): otherwise it
-      // hoists the 32 compares x != hi out of the loop, packs them into the bits of a register
-      // and spends an instruction a term extracting one (FSETP.NEU.XOR on x is one in all)
-      const T hi_here = fma(T(0), T(r), hi);
 #pragma unroll
       for (int a = 0; a < kRows; ++a) {
         const T v_signed = s_v[jj][threadIdx.y * kRows + a];
@@ -267,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) bernoulli_kernel(
         const T v = fabs(v_signed);
 #pragma unroll
         for (int c = 0; c < kCols; ++c) {
-          const T a_m1 = ((xv[a][c] != hi_here) != fired) ? plus.v[c] : minus.v[c];
+          const T a_m1 = ((xv[a][c] != hi) != fired) ? plus.v[c] : minus.v[c];
           q[a][c] = fma(a_m1, fma(v, q[a][c], v), q[a][c]);  // q <- q + (A - 1) v (1 + q)
         }
       }
@@ -345,7 +341,10 @@ __global__ void __launch_bounds__(kThreads) entropy_kernel(
         spent = 0.f;
       }
       spent += r;
-      const T hi_here = fma(T(0), T(r), hi);  // hi, the compare kept in the loop (see bernoulli_kernel)
+      // hi again, but unknown to the compiler before the child (r is finite here): otherwise it
+      // hoists the 32 compares x != hi out of the loop, packs them into the bits of a register and
+      // spends a LOP3 a term extracting one (359 instead of 342 instructions per child)
+      const T hi_here = fma(T(0), T(r), hi);
       const Vec4<T> am1_plus = load4(&s_tab[jj][0][threadIdx.x * kCols]);
       const Vec4<T> am1_minus = load4(&s_tab[jj][1][threadIdx.x * kCols]);
       const Vec4<T> ca_plus = load4(&s_tab[jj][2][threadIdx.x * kCols]);
