@@ -281,6 +281,7 @@ if triton is not None:
             n_bound = tl.load(bound_ptr + j + 1, mask=j + 1 < OUT, other=0.0)
             if bound <= LIMIT:
                 if spent + bound > LIMIT:
+                    tl.debug_barrier()  # (the same threads read what they wrote; a barrier costs nothing here)
                     tl.store(out, tl.load(out, mask=mask, other=0.0) + tl.log(tl.abs(prod)), mask=mask)
                     prod = tl.where(prod > 0, 1.0, -1.0).to(acc_t)
                     spent = 0.0
@@ -293,6 +294,7 @@ if triton is not None:
                 now = tl.load(y_ptr + rows * OUT + j, mask=row_ok, other=0.0).to(acc_t) > 0
                 nxt = tl.load(y_ptr + rows * OUT + j + 1, mask=row_ok & (j + 1 < OUT), other=0.0).to(acc_t) > 0
                 prod = prod * tl.where((j + 1 < OUT) & (now != nxt), -1.0, 1.0).to(acc_t)[:, None]
+        tl.debug_barrier()
         total = tl.load(out, mask=mask, other=0.0) + tl.log(tl.abs(prod))
         # Wide children (or NaN weights), in a loop of their own so that the product's loop stays
         # small: log r = softplus(c - s*l) - softplus(-s*l), c = -s*W*Delta.
@@ -638,7 +640,7 @@ def _pad(n: int, block: int) -> int:
 def _pads(B: int, n_in: int) -> tuple[int, int]:
     if _INTERPRETED:
         return _pad(n_in, _INTERPRETER_BLOCK_I), _pad(B, _INTERPRETER_BLOCK_B)
-    specs = _BERNOULLI_SPECS + _ENTROPY_SPECS + _CATEGORICAL_SPECS
+    specs = _BERNOULLI_SPECS + _ENTROPY_SPECS + _CATEGORICAL_SPECS + [t for t in _FORCED_TILE.values() if t]
     return _pad(n_in, max(s[1] for s in specs)), _pad(B, max(s[0] for s in specs))
 
 
