@@ -62,8 +62,9 @@ def _check_linear_inputs(x, weight, logits):
 def _backend_for_parents(backend, x, lo, hi):
     """The backend module, after checking that x holds only lo and hi where it does not.
 
-    A backend with ``CHECKS_PARENT_VALUES = True`` (cpp) raises the same ValueError itself, in its
-    pass over x; the check costs a few tiny ops per call, a quarter of a message at B=50.
+    A backend with ``CHECKS_PARENT_VALUES = True`` (cpp, cuda, triton) checks in its own pass over x
+    (raising the same ValueError on the CPU, asserting on the device on a GPU); the check here costs
+    a few tiny ops per call, a quarter of a message at B=50.
     """
     impl = get_backend(backend, x.device)
     if not getattr(impl, "CHECKS_PARENT_VALUES", False) and x.numel():

@@ -106,6 +106,74 @@ def test_saturated_children_send_tiny_messages_exactly(backend, device, message)
         assert rel_err(ref, out.cpu()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_wide_children_among_narrow_ones(backend, device, where, monkeypatch):
+    # a wide child (w*max|W| past the chunk range) is summed per element, apart from the chunks;
+    # 40 children: more than one staged round of the CUDA kernel
+    monkeypatch.setenv("HNCA_POISON_OUTPUTS", "1")
+    x, weight, logits, y, _, pv = make_layer((70, 67, 40), "pm1", "small")
+    j = {"first": 0, "middle": 17, "last": 39}[where]
+    weight[j] *= 100.0
+    logits = x @ weight.t()
+    y = torch.where(torch.rand(logits.shape, generator=torch.Generator().manual_seed(1)).double() < torch.sigmoid(logits),
+                    1.0, -1.0).double()
+    for dtype in (torch.float32, torch.float64):
+        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits)]
+        out = Fn.counterfactual_log_ratio(*args, y.to(device, dtype), parent_values=pv, backend=backend)
+        assert rel_err(reference.bernoulli_log_ratio(x, weight, logits, y, *pv), out.cpu()) < TOL[dtype]
+        out = Fn.counterfactual_entropy_delta(*args, parent_values=pv, backend=backend)
+        assert rel_err(reference.entropy_delta(x, weight, logits, *pv), out.cpu()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_many_chunks(backend, device):
+    # 300 children each near the chunk range: a chunk closes every child or two
+    g = torch.Generator().manual_seed(0)
+    x = torch.where(torch.rand(9, 70, generator=g) < 0.5, -1.0, 1.0).double()
+    weight = torch.full((300, 70), 1.9, dtype=torch.float64) * torch.where(torch.rand(300, 70, generator=g) < 0.8, 1.0, -1.0)
+    logits = torch.where(x @ weight.t() > 0, -1.0, 1.0).double() * 0.5
+    y = torch.where(logits > 0, 1.0, -1.0).double()
+    for dtype in (torch.float32, torch.float64):
+        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits)]
+        out = Fn.counterfactual_log_ratio(*args, y.to(device, dtype), parent_values=(-1.0, 1.0), backend=backend)
+        assert rel_err(reference.bernoulli_log_ratio(x, weight, logits, y, -1.0, 1.0), out.cpu()) < TOL[dtype]
+        out = Fn.counterfactual_entropy_delta(*args, parent_values=(-1.0, 1.0), backend=backend)
+        assert rel_err(reference.entropy_delta(x, weight, logits, -1.0, 1.0), out.cpu()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_categorical_both_forms(backend, device):
+    # columns with a small spread (the two-GEMM form on a GPU) and a wide one (logsumexp), classes
+    # in more than one staged round
+    x, weight, logits, _, _, pv = make_layer((70, 130, 37), "pm1", "small")
+    weight[:, 64:] *= 300.0
+    logits = (x @ weight.t()).clamp(-60, 60)
+    a = torch.multinomial(torch.softmax(logits, -1), 1, generator=torch.Generator().manual_seed(2)).squeeze(1)
+    for dtype in (torch.float32, torch.float64):
+        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits)]
+        out = Fn.categorical_counterfactual_log_ratio(*args, a.to(device), parent_values=pv, backend=backend)
+        assert rel_err(reference.categorical_log_ratio(x, weight, logits, a, *pv), out.cpu()) < TOL[dtype]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_messages_do_not_synchronize():
+    # torch raises on any synchronising call (.item(), bool(tensor), a host copy) in this mode
+    if not backends.is_available("cuda", "cuda"):
+        pytest.skip(backends.unavailable_reason("cuda", "cuda"))
+    x, weight, logits, y, a, pv = make_layer((33, 70, 20), "pm1", "small")
+    x, weight, logits, y, a = (t.to("cuda") for t in (x.float(), weight.float(), logits.float(), y.float(), a))
+    Fn.counterfactual_log_ratio(x, weight, logits, y, parent_values=pv, backend="cuda")  # warm up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        Fn.counterfactual_log_ratio(x, weight, logits, y, parent_values=pv, backend="cuda")
+        Fn.categorical_counterfactual_log_ratio(x, weight, logits, a, parent_values=pv, backend="cuda")
+        Fn.counterfactual_entropy_delta(x, weight, logits, parent_values=pv, backend="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_half_inputs_give_float32_messages(backend, device, dtype):
@@ -206,3 +274,23 @@ def test_build_failure_falls_back_to_reference_with_one_warning(monkeypatch):
             Fn.counterfactual_log_ratio(x, weight, logits, y, parent_values=pv, backend="cpp")
     finally:
         _extension.load.cache_clear()  # the next load finds the real build (cached on disk)
+
+
+def test_cpu_machines_get_no_cuda_runtime_warning():
+    """Importing torch.utils.cpp_extension on a machine with a CUDA toolkit and no GPU logs
+    "No CUDA runtime is found"; building and using the cpp backend must not print it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, hnca_kernels\n"
+        "from hnca_kernels import functional as Fn\n"
+        "x = torch.ones(2, 3)\n"
+        "out = Fn.counterfactual_log_ratio(x, torch.zeros(4, 3), torch.zeros(2, 4), torch.zeros(2, 4), backend='cpp')\n"
+        "assert out.shape == (2, 3)\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("ok")
+    assert "No CUDA runtime" not in run.stderr, run.stderr

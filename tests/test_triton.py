@@ -139,6 +139,62 @@ def test_bernoulli_log_ratio_negligible_messages_have_small_absolute_error():
     assert (out.cpu().double() - ref).abs().max() < 3 * 2**-23
 
 
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_wide_children_anywhere_keep_the_table_choice(where):
+    """A wide child is summed in its own loop; the product loop still carries its sign change (the
+    factors' sign picks the next child's table), wherever the wide child sits."""
+    x, weight, logits, pv, g = make_layer(11, 21, 9, "pm1", torch.float32)
+    weight = weight / 4
+    j = {"first": 0, "middle": 4, "last": 8}[where]
+    weight[j] *= 40.0  # w*|W| far past LIMIT
+    y = torch.where(torch.rand(logits.shape, generator=g) < 0.5, pv[1], pv[0])
+    check("counterfactual_log_ratio", (x, weight, logits, y), pv, "f32")
+
+
+@pytest.mark.parametrize("dtype_id", ["f32", "f64"])
+def test_entropy_of_saturated_children_is_exact_to_relative_rounding(dtype_id):
+    """Every child saturated: each term is ~1e-18 and the message ~1e-16; the q-form and the flip
+    to u = sigmoid(-|l|) keep it to relative rounding (the CPU backend's test, for triton)."""
+    dtype, _, tol = DTYPES[dtype_id]
+    g = torch.Generator().manual_seed(0)
+    x = torch.where(torch.rand(5, 40, generator=g) < 0.5, -1.0, 1.0).double()
+    weight = torch.randn(20, 40, generator=g).double() * 0.1
+    logits = torch.full((5, 20), 45.0, dtype=torch.float64) * torch.where(torch.rand(5, 20, generator=g) < 0.5, 1.0, -1.0)
+    ref = reference.entropy_delta(x, weight, logits, -1.0, 1.0)
+    assert 0 < ref.abs().max() < 1e-15
+    args = [t.to(device=DEVICE, dtype=dtype) for t in (x, weight, logits)]
+    out = Fn.counterfactual_entropy_delta(*args, parent_values=(-1.0, 1.0), backend="triton")
+    assert rel_err(ref, out.cpu()) < tol
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+def test_categorical_wide_spread_takes_the_logsumexp_path(coding):
+    """Columns whose weights spread past the two-GEMM form's limit (a sum could lose its dominant
+    term to underflow) are computed by the logsumexp form; tiles of both kinds in one call."""
+    x, weight, logits, pv, g = make_layer(9, 150, 12, coding, torch.float32)
+    weight[:, 70:] *= 8.0  # spread up to w*160 in the columns of the second tiles
+    a = torch.multinomial(torch.softmax(logits.double(), -1), 1, generator=g).squeeze(1)
+    check("categorical_counterfactual_log_ratio", (x, weight, logits, a), pv, "f32")
+
+
+def test_bad_parents_and_classes_raise_the_same_value_errors():
+    x, weight, logits, pv, g = make_layer(6, 19, 5, "pm1", torch.float32)
+    y = torch.where(torch.rand(logits.shape, generator=g) < 0.5, pv[1], pv[0])
+    a = torch.zeros(6, dtype=torch.long)
+    x[3, 7] = 0.5
+    x, weight, logits, y, a = (t.to(DEVICE) for t in (x, weight, logits, y, a))
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU the kernels assert on the device (a failed assert ends the process's CUDA use)")
+    for name, extra in (("counterfactual_log_ratio", (y,)), ("categorical_counterfactual_log_ratio", (a,)),
+                        ("counterfactual_entropy_delta", ())):
+        with pytest.raises(ValueError, match=r"x must hold only the parent values \(-1.0, 1.0\)"):
+            getattr(Fn, name)(x, weight, logits, *extra, parent_values=pv, backend="triton")
+    x[3, 7] = 1.0
+    with pytest.raises(ValueError, match=r"a must hold class indices in \[0, 5\)"):
+        Fn.categorical_counterfactual_log_ratio(x, weight, logits, torch.full((6,), 5, device=DEVICE),
+                                                parent_values=pv, backend="triton")
+
+
 def test_unsupported_reason():
     assert T.unsupported_reason(torch.device("cuda")) is None
     assert "CUDA" in T.unsupported_reason(torch.device("meta"))
@@ -188,6 +244,25 @@ def test_fused_forward_logits_sample_and_grad(shape, dtype, bias):
         assert rel_err(e.float(), a.float()) < tol
 
 
+def test_fused_forward_draws_its_seed_on_the_device_and_replays_a_given_one():
+    """Without a seed each call draws one with torch's generator on x's device (so manual_seed
+    controls it and nothing passes through the host); the same seed gives the same samples."""
+    x = torch.randn(64, 20, device=DEVICE)
+    weight = torch.randn(30, 20, device=DEVICE) * 0.1
+    first = T.bernoulli_linear(x, weight, None, 0.0, 1.0)[1]
+    second = T.bernoulli_linear(x, weight, None, 0.0, 1.0)[1]
+    assert not torch.equal(first, second)
+    torch.manual_seed(7)
+    again = T.bernoulli_linear(x, weight, None, 0.0, 1.0)[1]
+    torch.manual_seed(7)
+    assert torch.equal(again, T.bernoulli_linear(x, weight, None, 0.0, 1.0)[1])
+    for seed in (5, torch.tensor([5], device=DEVICE)):
+        assert torch.equal(T.bernoulli_linear(x, weight, None, 0.0, 1.0, seed=seed)[1],
+                           T.bernoulli_linear(x, weight, None, 0.0, 1.0, seed=5)[1])
+    fired = replayed_uniforms(5, (64, 30)) < torch.sigmoid(x @ weight.t())
+    assert torch.equal(T.bernoulli_linear(x, weight, None, 0.0, 1.0, seed=5)[1], fired.float())
+
+
 @pytest.mark.parametrize("centered", [False, True])
 def test_fused_layer_fires_with_sigmoid_probability(centered):
     layer = BernoulliLinear(3, 4, centered=centered).to(DEVICE)
@@ -226,3 +301,77 @@ def test_fused_sequential_is_reproducible_and_trains():
     with hnca_kernels.use_backend("reference"), hnca_kernels.record() as rec3:
         net(x)
     assert any(not torch.equal(c1.sample, c3.sample) for c1, c3 in zip(rec1.calls, rec3.calls))
+
+
+# ---- GPU only: no host synchronisation, CUDA-graph capture -----------------------------------
+
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def _gpu_layer():
+    x, weight, logits, pv, g = make_layer(33, 70, 20, "pm1", torch.float32)
+    y = torch.where(torch.rand(logits.shape, generator=g) < torch.sigmoid(logits), 1.0, -1.0)
+    a = torch.multinomial(torch.softmax(logits.double(), -1), 1, generator=g).squeeze(1)
+    return [t.cuda() for t in (x, weight, logits, y, a)], pv
+
+
+@gpu_only
+def test_messages_and_fused_forward_do_not_synchronize():
+    (x, weight, logits, y, a), pv = _gpu_layer()
+
+    def calls():
+        Fn.counterfactual_log_ratio(x, weight, logits, y, parent_values=pv, backend="triton")
+        Fn.categorical_counterfactual_log_ratio(x, weight, logits, a, parent_values=pv, backend="triton")
+        Fn.counterfactual_entropy_delta(x, weight, logits, parent_values=pv, backend="triton")
+        T.bernoulli_linear(x, weight, None, -1.0, 1.0)
+
+    calls()  # compiles and autotunes (which synchronises)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        calls()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu_only
+def test_messages_and_fused_forward_replay_in_a_cuda_graph():
+    (x, weight, logits, y, a), pv = _gpu_layer()
+
+    def step():
+        d = Fn.counterfactual_log_ratio(x, weight, logits, y, parent_values=pv, backend="triton")
+        e = Fn.counterfactual_entropy_delta(x, weight, logits, parent_values=pv, backend="triton")
+        c = Fn.categorical_counterfactual_log_ratio(x, weight, logits, a, parent_values=pv, backend="triton")
+        return d, e, c, T.bernoulli_linear(x, weight, None, -1.0, 1.0)[1]
+
+    eager = step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm up on the side stream, as torch's graph docs ask
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    samples = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        for ours, theirs in zip(captured[:3], eager[:3]):
+            torch.testing.assert_close(ours, theirs)
+        samples.append(captured[3].clone())
+    assert not torch.equal(samples[0], samples[1])  # each replay draws a new seed
+
+
+@gpu_only
+def test_messages_stay_float32_exact_with_tf32_allowed(monkeypatch):
+    """No message uses a matrix unit (the softmax child's two GEMMs are FMAs in the kernel), so
+    allowing TF32 for matmuls changes nothing: float32 rounding against the float64 reference."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    x, weight, logits, pv, g = make_layer(70, 130, 90, "pm1", torch.float32)
+    weight = weight / 4
+    y = torch.where(torch.rand(logits.shape, generator=g) < torch.sigmoid(logits), 1.0, -1.0)
+    a = torch.multinomial(torch.softmax(logits.double(), -1), 1, generator=g).squeeze(1)
+    check("counterfactual_log_ratio", (x, weight, logits, y), pv, "f32")
+    check("counterfactual_entropy_delta", (x, weight, logits), pv, "f32")
+    check("categorical_counterfactual_log_ratio", (x, weight, logits, a), pv, "f32")

@@ -11,6 +11,7 @@ only when torch sees a GPU and a CUDA toolkit is installed; ``HNCA_NO_CUDA=1`` l
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -35,10 +36,31 @@ def source_dir() -> Path:
     raise FileNotFoundError(f"hnca C++ sources not found in {' or '.join(map(str, _SOURCE_DIRS))}")
 
 
-def _cuda_toolkit() -> bool:
-    from torch.utils.cpp_extension import CUDA_HOME
+class _NoCudaRuntimeWarning(logging.Filter):
+    """Drops the one record torch.utils.cpp_extension logs at import on a machine with a CUDA
+    toolkit but no GPU ("No CUDA runtime is found, using CUDA_HOME=..."): every command that
+    built or loaded the CPU kernels printed it, and it says nothing about them."""
 
-    return CUDA_HOME is not None and os.environ.get("HNCA_NO_CUDA") != "1"
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without that warning (its module-level CUDA_HOME
+    search runs once, at the first import)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _NoCudaRuntimeWarning()
+    logger.addFilter(quiet)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        logger.removeFilter(quiet)
+    return cpp_extension
+
+
+def _cuda_toolkit() -> bool:
+    """A CUDA toolkit to build the CUDA kernels with; looked for only where torch sees a GPU."""
+    return os.environ.get("HNCA_NO_CUDA") != "1" and _cpp_extension().CUDA_HOME is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,8 +70,7 @@ def load() -> tuple[str | None, bool]:
     Runs once per process (cached); a failure warns once and the backends report it.
     """
     try:
-        from torch.utils.cpp_extension import load as build
-
+        build = _cpp_extension().load
         src = source_dir()
         capability = torch.backends.cpu.get_cpu_capability()
         flags = _VECTOR_FLAGS.get(capability, [])

@@ -13,6 +13,10 @@ from . import _extension
 # The same torch ops as the cpp backend: the dispatcher runs their CUDA kernels on CUDA tensors.
 from .cpp import bernoulli_log_ratio, categorical_log_ratio, entropy_delta  # noqa: E402,F401
 
+# The CUDA kernels check the parent values and class indices on the device (a device-side assert,
+# no host synchronisation); hnca_kernels.functional then skips its own check.
+CHECKS_PARENT_VALUES = True
+
 
 def load_reason() -> str | None:
     if not torch.cuda.is_available():
