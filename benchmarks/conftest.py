@@ -42,7 +42,7 @@ def timed(benchmark):
         if setup is None and rounds is None:
             benchmark(fn)
         else:
-            wrapped = None if setup is None else (lambda: (tuple(setup()), {}))
+            wrapped = None if setup is None else (lambda: (setup(), {}))
             benchmark.pedantic(fn, setup=wrapped, rounds=rounds or 20, warmup_rounds=2)
         stats = getattr(benchmark, "stats", None)
         if stats is not None:  # None under --benchmark-disable

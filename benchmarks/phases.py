@@ -150,6 +150,49 @@ def method(name, widths, device="cpu", dtype=None, seed=0):
     return Stochastic(hnca_net(widths, device, dtype), "hnca", backend)
 
 
+def phase_call(m, phase, x, label, device="cpu"):
+    """(setup, fn) that time ``phase`` of method ``m`` (``Stochastic`` or ``Backprop``): ``setup``
+    (None for ``forward`` and ``step``) builds fn's arguments untimed, a fresh forward with its
+    reward, baseline and cleared grads; ``fn(*args)`` runs the phase and waits for the device."""
+
+    def prepared(then=None):
+        def setup():
+            state = m.prepare(x, label)
+            if then is not None:
+                state = then(state)
+            sync(device)
+            return tuple(state)
+        return setup
+
+    def backward(state):
+        m.backward(*state)
+        return ()
+
+    setup = prepared()
+    if phase == "forward":
+        setup, run = None, lambda: m.forward(x, label)
+    elif phase == "backward":
+        run = m.backward
+    elif phase == "message_pass":
+        run = lambda rec, reward, baseline: m.message_pass(rec)  # noqa: E731
+    elif phase == "surrogate":
+        run = m.surrogate
+    elif phase == "autograd":
+        setup, run = prepared(lambda state: (m.surrogate(*state),)), lambda loss: loss.backward()
+    elif phase == "optimizer":
+        setup, run = prepared(backward), m.optimizer
+    elif phase == "step":  # forward, reward and baseline, zero_grad, backward, Adam
+        setup, run = None, lambda: m.step(x, label)
+    else:
+        raise ValueError(f"unknown phase {phase!r}")
+
+    def fn(*args):
+        run(*args)
+        sync(device)
+
+    return setup, fn
+
+
 # ------------------------------------------------------------------------ the discrete VAE
 # forward: sampling the latents and the pass through encoder, decoder and prior with autograd;
 # backward: the estimator's signals (for LOO and DisARM their partial forward passes), the

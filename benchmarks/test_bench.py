@@ -26,7 +26,7 @@ import torch
 
 from hnca_kernels import functional as Fn
 from hnca_kernels.backends import is_available
-from phases import BACKENDS, SHAPES, batch, hnca_net, method, sync
+from phases import BACKENDS, SHAPES, batch, hnca_net, method, phase_call, sync
 
 METHODS = tuple(f"hnca-{b}" for b in BACKENDS) + ("reinforce", "backprop")
 # rounds of one call per case (the auto-calibrated cases, message and gemm, choose their own)
@@ -55,20 +55,6 @@ def rounds_for(name, shape):
     return max(3, ROUNDS[shape] // 5) if name == "hnca-reference" else ROUNDS[shape]
 
 
-def setup_for(m, device, x, label, then=None):
-    """Untimed before every round: a fresh forward with reward, baseline and cleared grads (what
-    backward takes), then ``then`` on that state if given."""
-
-    def setup():
-        state = m.prepare(x, label)
-        if then is not None:
-            state = then(state)
-        sync(device)
-        return state
-
-    return setup
-
-
 def phase_cases():
     """(shape, method, phase) with the phases of one method adjacent, so that a ratio of two of
     them is measured within a minute (the machine's speed drifts over a run)."""
@@ -90,35 +76,7 @@ def test_phase(timed, shape, name, phase):
     device = skip_unless_runs(name, shape, phase)
     B, widths = SHAPES[shape]
     m = method(name, widths, device)
-    x, label = batch(B, widths, device)
-    setup = setup_for(m, device, x, label)
-    if phase == "forward":
-        setup = None
-
-        def run():
-            m.forward(x, label)
-    elif phase == "backward":
-        run = m.backward
-    elif phase == "message_pass":
-        def run(rec, reward, baseline):
-            m.message_pass(rec)
-    elif phase == "surrogate":
-        run = m.surrogate
-    elif phase == "autograd":
-        setup = setup_for(m, device, x, label, then=lambda state: (m.surrogate(*state),))
-
-        def run(loss):
-            loss.backward()
-    else:  # step: forward, reward and baseline, zero_grad, backward, Adam
-        setup = None
-
-        def run():
-            m.step(x, label)
-
-    def fn(*state):
-        run(*state)
-        sync(device)
-
+    setup, fn = phase_call(m, phase, *batch(B, widths, device), device)
     timed(shape, phase, name, fn, setup=setup, rounds=rounds_for(name, shape))
 
 
@@ -131,17 +89,8 @@ def test_optimizer(timed, net, shape):
     device = skip_unless_runs(name, shape, "optimizer")
     B, widths = SHAPES[shape]
     m = method(name, widths, device)
-    x, label = batch(B, widths, device)
-
-    def backward(state):
-        m.backward(*state)
-        return ()
-
-    def fn():
-        m.optimizer()
-        sync(device)
-
-    timed(shape, "optimizer", net, fn, setup=setup_for(m, device, x, label, then=backward), rounds=ROUNDS[shape])
+    setup, fn = phase_call(m, "optimizer", *batch(B, widths, device), device)
+    timed(shape, "optimizer", net, fn, setup=setup, rounds=ROUNDS[shape])
 
 
 @pytest.mark.parametrize("shape", SHAPES)

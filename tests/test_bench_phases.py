@@ -40,52 +40,64 @@ def plain_grads(net, baseline, x, label, name, seed):
     return [p.grad.clone() for p in net.parameters()]
 
 
-@pytest.mark.parametrize("split", ["backward", "surrogate+autograd"])
-@pytest.mark.parametrize("name", METHODS)
-def test_phases_fill_the_grads_of_a_plain_step(name, split):
+def skip_unavailable(name):
     if name == "hnca-cpp" and not is_available("cpp", "cpu"):
         pytest.skip("cpp is not available")
-    if name == "backprop" and split != "backward":
+
+
+@pytest.mark.parametrize("phase", ["backward", "autograd"])
+@pytest.mark.parametrize("name", METHODS)
+def test_timed_backward_fills_the_grads_of_a_plain_step(name, phase):
+    """``backward`` whole, or ``autograd`` after the surrogate its setup built: the same grads."""
+    skip_unavailable(name)
+    if name == "backprop" and phase != "backward":
         pytest.skip("backprop's backward has no parts")
     m = phases.method(name, WIDTHS)
     net, baseline = copy.deepcopy(m.net), MovingAverageBaseline(0.99)
     x, label = phases.batch(B, WIDTHS)
+    setup, fn = phases.phase_call(m, phase, x, label)
     for seed in (1, 2):  # rounds on one method object, as the benchmark runs them
         expected = plain_grads(net, baseline, x, label, name, seed)
         torch.manual_seed(seed)
-        state = m.prepare(x, label)  # the untimed setup
-        if split == "backward":
-            m.backward(*state)
-        else:
-            m.surrogate(*state).backward()
+        fn(*setup())
         for got, want in zip(m.net.parameters(), expected):
             torch.testing.assert_close(got.grad, want, rtol=0, atol=0)
-    if name.startswith("hnca-"):
-        torch.manual_seed(3)
-        rec = m.prepare(x, label)[0]
-        messages = m.message_pass(rec)
-        assert [d is None for d in messages] == [False, False, False, True]  # the output has no children
 
 
+@pytest.mark.parametrize("phase", ["optimizer", "step"])
 @pytest.mark.parametrize("name", METHODS)
-def test_phase_step_is_a_training_step(name):
-    if name == "hnca-cpp" and not is_available("cpp", "cpu"):
-        pytest.skip("cpp is not available")
+def test_timed_optimizer_and_step_are_a_training_step(name, phase):
+    skip_unavailable(name)
     m = phases.method(name, WIDTHS)
     net, baseline = copy.deepcopy(m.net), MovingAverageBaseline(0.99)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     x, label = phases.batch(B, WIDTHS)
+    setup, fn = phases.phase_call(m, phase, x, label)
     for seed in (1, 2):
         plain_grads(net, baseline, x, label, name, seed)
         opt.step()
         torch.manual_seed(seed)
-        m.step(x, label)
+        fn(*(setup() if setup else ()))
     initial = phases.method(name, WIDTHS).net.parameters()  # the same seed: the weights before
     moved = False
     for got, want, before in zip(m.net.parameters(), net.parameters(), initial):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         moved |= not torch.equal(got, before)
     assert moved
+
+
+@pytest.mark.parametrize("name", ["hnca-reference", "hnca-cpp", "reinforce"])
+def test_timed_forward_message_pass_and_surrogate_run(name):
+    skip_unavailable(name)
+    m = phases.method(name, WIDTHS)
+    x, label = phases.batch(B, WIDTHS)
+    for phase in ("forward", "message_pass", "surrogate") if name != "reinforce" else ("forward", "surrogate"):
+        setup, fn = phases.phase_call(m, phase, x, label)
+        fn(*(setup() if setup else ()))
+    rec, _ = m.forward(x, label)
+    assert all(c.logits.requires_grad for c in rec.calls)  # the timed forward keeps autograd on
+    if name != "reinforce":  # every hidden layer gets a message, the output none
+        assert [d is None for d in m.message_pass(rec)] == [False, False, False, True]
 
 
 @pytest.mark.parametrize("estimator", ["hnca_baseline", "disarm"])
