@@ -1,6 +1,16 @@
-"""Grid: backend x phase (forward sampling, one layer's message, HNCA training step) x shape,
-with the backprop step of the same-shaped deterministic network and the forward GEMM.
+"""Grid: method x phase x shape, each phase timed on its own (benchmarks/phases.py says what each
+one runs), in pytest-benchmark groups "<shape>: <phase>" so each table puts the methods side by side.
 
+- methods: HNCA on every backend that runs here (``hnca-reference``, ``hnca-cpp``; on a GPU
+  ``hnca-triton``, ``hnca-cuda``), ``reinforce``, and ``backprop`` of the same-shaped
+  deterministic network (sigmoid MLP, cross-entropy)
+- phases: ``forward``, ``backward``, ``optimizer`` (Adam; one case per network: ``stochastic``
+  and ``backprop``), ``step``; HNCA's backward in its parts ``message_pass``, ``surrogate``,
+  ``autograd``; one hidden layer's ``message`` against the forward ``gemm`` of its shape
+- shapes: ``paper`` (B=50, 784-200-200-200-10), ``scale`` (B=256, 784-1024-1024-1024-10), and
+  on a GPU only ``gpu`` (B=4096, 4096-wide)
+
+A phase that needs a fresh forward gets it in ``benchmark.pedantic``'s setup, untimed.
 Not part of the default test run (testpaths is tests/); see benchmarks/README.md.
 """
 
@@ -9,134 +19,114 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from hnca_kernels import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential, record
 from hnca_kernels import functional as Fn
 from hnca_kernels.backends import is_available
+from phases import BACKENDS, SHAPES, batch, hnca_net, method, phase_call, sync
 
-SHAPES = {
-    "paper": (50, [784, 200, 200, 200, 10]),
-    "scale": (256, [784, 1024, 1024, 1024, 10]),
-    "gpu": (4096, [4096, 4096, 4096, 4096, 10]),
-}
-BACKENDS = ("reference", "cpp", "triton", "cuda")
-PHASES = ("forward", "message", "step")
+METHODS = tuple(f"hnca-{b}" for b in BACKENDS) + ("reinforce", "backprop")
+# rounds of one call per case (the auto-calibrated cases, message and gemm, choose their own)
+ROUNDS = {"paper": 100, "scale": 20, "gpu": 10}  # gpu: repeats to 1% (RESULTS.md)
 
 
 def device_for(shape):
     return "cuda" if shape == "gpu" or torch.cuda.is_available() else "cpu"
 
 
-def skip_unless_runs(backend, shape):
+def skip_unless_runs(name, shape, phase):
+    """The device for ``name`` (a method) at ``shape``, or a skip saying why it does not run."""
+    device = device_for(shape)
+    if shape == "gpu" and not torch.cuda.is_available():
+        pytest.skip("the 4096-wide shape runs on a GPU only")
+    backend = name.partition("-")[2] if name.startswith("hnca-") else None
+    if backend is not None and not is_available(backend, device):
+        pytest.skip(f"{backend} does not run on {device}")
+    if name == "hnca-reference" and shape != "paper" and phase != "forward":
+        pytest.skip("the reference backward at this shape takes seconds and gigabytes per step; "
+                    "its one-layer message is measured")
+    return device
+
+
+def rounds_for(name, shape):
+    return max(3, ROUNDS[shape] // 5) if name == "hnca-reference" else ROUNDS[shape]
+
+
+def phase_cases():
+    """(shape, method, phase) with the phases of one method adjacent, so that a ratio of two of
+    them is measured within a minute (the machine's speed drifts over a run)."""
+    for shape in SHAPES:
+        for name in METHODS:
+            phases = ["forward", "backward"]
+            if name.startswith("hnca-"):
+                phases.append("message_pass")
+            if name != "backprop":
+                phases += ["surrogate", "autograd"]
+            for phase in phases + ["step"]:
+                yield pytest.param(shape, name, phase, id=f"{shape}-{name}-{phase}")
+
+
+@pytest.mark.parametrize("shape, name, phase", list(phase_cases()))
+def test_phase(timed, shape, name, phase):
+    """One phase of one method's training step; a phase after the forward gets a fresh forward
+    (its record, reward, baseline and cleared grads) in the untimed setup of every round."""
+    device = skip_unless_runs(name, shape, phase)
+    B, widths = SHAPES[shape]
+    m = method(name, widths, device)
+    setup, fn = phase_call(m, phase, *batch(B, widths, device), device)
+    timed(shape, phase, name, fn, setup=setup, rounds=rounds_for(name, shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("net", ["stochastic", "backprop"])
+def test_optimizer(timed, net, shape):
+    """Adam's step after a backward (REINFORCE's for the stochastic net: HNCA's parameters and
+    Adam's work are the same)."""
+    name = "backprop" if net == "backprop" else "reinforce"
+    device = skip_unless_runs(name, shape, "optimizer")
+    B, widths = SHAPES[shape]
+    m = method(name, widths, device)
+    setup, fn = phase_call(m, "optimizer", *batch(B, widths, device), device)
+    timed(shape, "optimizer", net, fn, setup=setup, rounds=ROUNDS[shape])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_message(timed, note, backend, shape):
+    """The middle hidden layer's message to its parents (``counterfactual_log_ratio``), the hot
+    path of HNCA, for the ratio against ``test_gemm``."""
     device = device_for(shape)
     if shape == "gpu" and not torch.cuda.is_available():
         pytest.skip("the 4096-wide shape runs on a GPU only")
     if not is_available(backend, device):
         pytest.skip(f"{backend} does not run on {device}")
-    return device
-
-
-def hnca_net(widths, device):
-    hidden = [BernoulliLinear(a, b, centered=True, device=device) for a, b in zip(widths[:-2], widths[1:-1])]
-    return StochasticSequential(*hidden, CategoricalLinear(widths[-2], widths[-1], device=device))
-
-
-def backprop_net(widths, device):
-    layers = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b, device=device), nn.Sigmoid()]
-    return nn.Sequential(*layers[:-1])
-
-
-def batch(shape, device):
-    B, widths = SHAPES[shape]
-    g = torch.Generator().manual_seed(0)
-    x = (torch.rand(B, widths[0], generator=g) < 0.3).float().to(device)
-    label = torch.randint(0, widths[-1], (B,), generator=g).to(device)
-    return x, label
-
-
-def hnca_step(net, opt, baseline, x, label, backend):
-    with record() as rec:
-        action = net(x)
-    reward = (action == label).float()
-    opt.zero_grad(set_to_none=True)
-    rec.surrogate_loss(reward, baseline=baseline(reward), backend=backend).backward()
-    opt.step()
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("phase", PHASES)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_hnca(record, note, backend, phase, shape):
-    device = skip_unless_runs(backend, shape)
-    if backend == "reference" and shape != "paper" and phase == "step":
-        pytest.skip("the reference step at this shape takes seconds and gigabytes; its message is measured")
-    if backend == "reference" and shape == "gpu" and phase == "message":
+    if backend == "reference" and shape == "gpu":
         pytest.skip("the reference message at this shape would materialise 4096^3 terms (275 GB)")
     torch.manual_seed(0)
     B, widths = SHAPES[shape]
     net = hnca_net(widths, device)
-    x, label = batch(shape, device)
-    rounds = 3 if backend == "reference" and shape != "paper" else None
-    if phase == "forward":
-        def fn():
-            net(x)
-            sync(device)
-    elif phase == "message":
-        # the middle hidden layer's message to its parents, the hot path of HNCA
-        h = net[0](x)
-        layer = net[1]
-        logits = layer.logits(h).detach()
-        y = layer.sample(logits)
-        note(f"message/{backend}/{shape}/elements", str(B * widths[1] * widths[2]))
-
-        def fn():
-            Fn.counterfactual_log_ratio(h, layer.weight.detach(), logits, y, parent_values=(-1.0, 1.0), backend=backend)
-            sync(device)
-    else:
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-        baseline = MovingAverageBaseline(0.99).to(device)
-
-        def fn():
-            hnca_step(net, opt, baseline, x, label, backend)
-            sync(device)
-    record(f"{phase}/{backend}/{shape}", fn, rounds=rounds)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_backprop_step(record, shape):
-    device = skip_unless_runs("reference", shape)
-    torch.manual_seed(0)
-    B, widths = SHAPES[shape]
-    net = backprop_net(widths, device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    x, label = batch(shape, device)
+    x, _ = batch(B, widths, device)
+    h = net[0](x)
+    layer = net[1]
+    logits = layer.logits(h).detach()
+    y = layer.sample(logits)
+    note(f"{shape}/message/{backend}/elements", str(B * widths[1] * widths[2]))
 
     def fn():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), label).backward()
-        opt.step()
+        Fn.counterfactual_log_ratio(h, layer.weight.detach(), logits, y, parent_values=(-1.0, 1.0), backend=backend)
         sync(device)
 
-    record(f"backprop_step/{shape}", fn)
+    timed(shape, "message", backend, fn, rounds=3 if backend == "reference" and shape != "paper" else None)
 
 
 @pytest.mark.parametrize("shape", ["scale", "gpu"])
-def test_gemm(record, shape):
+def test_gemm(timed, shape):
     """The forward GEMM x @ W.T of a hidden layer's shape (B=256, in=out=1024 at the scale
     shape): the unit of the message's cost."""
-    device = skip_unless_runs("reference", shape)
+    device = skip_unless_runs("backprop", shape, "gemm")
     B, widths = SHAPES[shape]
     x = (torch.rand(B, widths[1], device=device) < 0.5).float() * 2 - 1
     weight = torch.randn(widths[2], widths[1], device=device)
@@ -145,14 +135,14 @@ def test_gemm(record, shape):
         x @ weight.t()
         sync(device)
 
-    record(f"gemm/{shape}", fn)
+    timed(shape, "message", "gemm", fn)
+    # (in the group of the messages, so their table shows the GEMM beside them)
 
 
 _RSS_PROBE = r"""
 import json, sys, torch
 sys.path[:0] = json.loads(sys.argv[1])
-from test_bench import SHAPES, hnca_net, batch, hnca_step
-from hnca_kernels import MovingAverageBaseline
+from phases import SHAPES, batch, method
 from hnca_kernels.ops import cpp
 
 def rss_kib(field):
@@ -164,17 +154,15 @@ def reset_peak():
         f.write("5")  # VmHWM := VmRSS
 
 assert cpp.load_reason() is None  # the extension loaded before measuring
-torch.manual_seed(0)
-net = hnca_net(SHAPES["scale"][1], "cpu")
-opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-baseline = MovingAverageBaseline(0.99)
-x, label = batch("scale", "cpu")
+B, widths = SHAPES["scale"]
+m = method("hnca-cpp", widths)
+x, label = batch(B, widths)
 result = {}
 for name, steps in (("first", 1), ("steady", 3)):  # the first step also allocates grads and Adam's state
     before = rss_kib("VmRSS")
     reset_peak()
     for _ in range(steps):
-        hnca_step(net, opt, baseline, x, label, "cpp")
+        m.step(x, label)
     result[name] = (rss_kib("VmHWM") - before) / 1024
 result["resting"] = before / 1024
 print(json.dumps(result))
@@ -185,7 +173,7 @@ def test_peak_rss_growth_of_a_scale_step(note):
     """Peak resident memory above the resting process during scale-shape HNCA steps (cpp)."""
     if not is_available("cpp", "cpu"):
         pytest.skip("cpp is not available")
-    paths = [p for p in sys.path if p] + [str(__import__("pathlib").Path(__file__).parent)]
+    paths = [p for p in sys.path if p] + [str(Path(__file__).parent)]
     out = subprocess.run([sys.executable, "-c", _RSS_PROBE, json.dumps(paths)], capture_output=True, text=True,
                          check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -310,6 +310,28 @@ def test_elbo_loss_value_and_batch_mean():
     assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in vae.parameters())
 
 
+@pytest.mark.parametrize("estimator", ["hnca_baseline", "disarm"])
+def test_forward_pass_then_estimate_is_the_step(estimator):
+    """estimate(x, forward=forward_pass(x)) is the step split in two: the same draws and the same
+    grads as elbo_loss, baselines included (DisARM draws its pairs in the second half)."""
+    import copy
+    vae, x = make_vae(3), make_x(3)
+    split = copy.deepcopy(vae)
+    for _ in range(2):  # the second step reads the baselines the first folded in
+        torch.manual_seed(5)
+        vae.zero_grad()
+        vae.elbo_loss(x, estimator).backward()
+        torch.manual_seed(5)
+        split.zero_grad()
+        p = split.forward_pass(x)
+        assert p.enc_logits[0].requires_grad  # the forward half runs with autograd
+        split.estimate(x, estimator, forward=p).loss.backward()
+    for (name, a), b in zip(vae.named_parameters(), split.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="forward="):
+        split.estimate(make_x(3, seed=2), estimator, forward=split.forward_pass(x))
+
+
 def exact_log_px(vae, x):
     zs = configs(vae.num_layers)
     out = []

@@ -294,17 +294,29 @@ class BernoulliVAE(nn.Module):
         """
         return self._surrogate(x, estimator, latents=latents, branches=branches)[:2]
 
-    def _surrogate(self, x, estimator, *, latents=None, branches=None):
+    def forward_pass(self, x: torch.Tensor, latents=None) -> _Pass:
+        """The forward half of a step: draw [Phi_1..Phi_L] from q(. | x) (or replay ``latents``) and
+        evaluate encoder, decoder and prior there with autograd on. ``estimate(x, estimator,
+        forward=pass)`` is the other half (the estimator's signals and the surrogate); the split
+        lets a step's phases be timed apart (benchmarks/phases.py). A pass serves one estimate."""
+        self._check_x(x)
+        latents = self.sample_latents(x) if latents is None else self._check_latents(latents, x.shape[0])
+        return self._evaluate(x, latents)
+
+    def _surrogate(self, x, estimator, *, latents=None, branches=None, forward=None):
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if forward is not None and (latents is not None or not isinstance(forward, _Pass) or forward.h[0] is not x):
+            raise ValueError("forward= must be what forward_pass(x) returned for this x, without latents=")
         self._check_x(x)
         batch = x.shape[0]
-        latents = self.sample_latents(x) if latents is None else self._check_latents(latents, batch)
         if branches is not None:
             if estimator not in _BRANCHED:
                 raise ValueError(f"branches only apply to {_BRANCHED}, not {estimator!r}")
             branches = self._check_branches(branches, batch)
-        p = self._evaluate(x, latents)
+        p = forward
+        if p is None:  # forward_pass(x, latents) without checking x twice
+            p = self._evaluate(x, self.sample_latents(x) if latents is None else self._check_latents(latents, batch))
         with torch.no_grad():
             if estimator in ("hnca", "hnca_baseline"):
                 signals = self._hnca_signals(p, estimator == "hnca_baseline")
@@ -321,7 +333,8 @@ class BernoulliVAE(nn.Module):
         """One step's estimate: ``.loss`` (backward writes minus the estimate of the gradient of the
         batch-mean ELBO into every ``.grad``), ``.elbo`` [B] (the ELBO samples f_E) and
         ``.gradient_variance()`` (the paper's metric over the encoder's parameters).
-        ``x``: [B, data_dim] of 0./1.; ``replay``: ``latents``/``branches`` as in ``surrogate``."""
+        ``x``: [B, data_dim] of 0./1.; ``replay``: ``latents``/``branches`` as in ``surrogate``, or
+        ``forward``: the pass ``forward_pass(x)`` returned (then only the estimator runs here)."""
         surrogate, f_e, parts = self._surrogate(x, estimator, **replay)
         loss = (surrogate.detach() - surrogate).mean() - f_e.detach().mean()
         return ELBOEstimate(loss, f_e.detach(), *parts)
