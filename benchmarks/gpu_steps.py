@@ -128,24 +128,35 @@ def time_step(make, graphs: bool, device, replays: int, repeats: int = 5) -> flo
 
 
 def cases(dry: bool, device):
+    """Every case, the issue's three questions first: the paper-shape bandit step against
+    backprop, the 2-layer VAE against LOO, the GPU-shape step; then the other depths and shapes."""
     paper = [784, 200, 200, 200, 10] if not dry else [20, 8, 8, 8, 3]
     gpu = [4096] * 4 + [10] if not dry else [16] * 4 + [3]
     backends = [b for b in ("triton", "cuda") if is_available(b, device)] or ["reference"]
-    for shape, widths, batch, replays in (("paper", paper, 50, 300), ("gpu", gpu, 4096 if not dry else 8, 5)):
+
+    def bandit(shape, widths, batch, replays):
         for backend in backends:
             yield f"bandit/{shape}/hnca/{backend}", replays, lambda w=widths, b=batch, k=backend: bandit_step(
                 w, b, device, "hnca", k)
         yield f"bandit/{shape}/reinforce", replays, lambda w=widths, b=batch: bandit_step(
             w, b, device, "reinforce", None)
         yield f"bandit/{shape}/backprop", replays, lambda w=widths, b=batch: backprop_step(w, b, device)
-    for shape, hidden, batch, replays in (("paper", 200, 50, 200), ("wide", 1024, 1024, 20)):
+
+    def vae(shape, layers, hidden, batch, replays):
         if dry:
             hidden, batch = 8, 4
-        for layers in (1, 2, 3):
-            main = "hnca" if layers == 1 else "hnca_baseline"
-            for estimator in (main, "reinforce_loo", "disarm"):
-                yield f"vae/{shape}/L{layers}/{estimator}", replays, lambda L=layers, h=hidden, b=batch, e=estimator: \
-                    vae_step(L, h, b, device, e)
+        main = "hnca" if layers == 1 else "hnca_baseline"
+        for estimator in (main, "reinforce_loo", "disarm"):
+            yield f"vae/{shape}/L{layers}/{estimator}", replays, lambda L=layers, h=hidden, b=batch, e=estimator: \
+                vae_step(L, h, b, device, e)
+
+    yield from bandit("paper", paper, 50, 300)
+    yield from vae("paper", 2, 200, 50, 200)
+    yield from bandit("gpu", gpu, 4096 if not dry else 8, 5)
+    for layers in (1, 3):
+        yield from vae("paper", layers, 200, 50, 200)
+    for layers in (1, 2, 3):
+        yield from vae("wide", layers, 1024, 1024, 20)
 
 
 def main() -> int:

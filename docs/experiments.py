@@ -36,7 +36,7 @@ class Cell:
 
     def argv(self, runs: Path) -> list[str]:
         out = runs / self.name
-        argv = [sys.executable, "-m", "hnca_kernels.cli", self.command, *self.args, "--epochs", str(self.epochs),
+        argv = [sys.executable, "-m", "hnca_kernels", self.command, *self.args, "--epochs", str(self.epochs),
                 "--out", str(out), "--no-progress"]
         if self.command == "bandit":
             argv += ["--threads", "1"]
@@ -57,7 +57,7 @@ def cells() -> list[Cell]:
     def vae(layers, estimator, seed=0, extra=(), tag=""):
         name = f"vae/L{layers}-{estimator}{tag}-s{seed}"
         return Cell(name, "vae", VAE_EPOCHS, ("--layers", str(layers), "--estimator", estimator, "--seed", str(seed),
-                                              "--test-every", "25", *extra))
+                                              "--test-every", "50", *extra))
 
     main = {1: "hnca", 2: "hnca_baseline", 3: "hnca_baseline"}
     for layers in (2, 1, 3):  # Figure 3: discrete VAE, seed 0
@@ -126,6 +126,7 @@ def main(argv=None) -> int:
         return cmd_run(args)
     if args.action == "status":
         return cmd_status(args)
+    sys.path.insert(0, str(DOCS))
     from report import write_report  # docs/report.py: tables and figures from the run directories
 
     return write_report(args.runs)

@@ -1,0 +1,178 @@
+"""The tables and figures of docs/results.md, from the run directories of docs/experiments.py.
+
+    python docs/experiments.py report [--runs DIR]
+
+Writes docs/bandit-100.png, docs/vae-100.png and docs/vae-seeds.png, and replaces the text between
+``<!-- report:begin -->`` and ``<!-- report:end -->`` in docs/results.md with the tables (cells
+that have not run yet are shown as such). A cell's numbers are its last epoch's, the test bound
+its last one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
+
+
+def _metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _config(run: Path) -> dict:
+    path = run / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _last(metrics, key):
+    values = [m[key] for m in metrics if m.get(key) is not None]
+    return values[-1] if values else None
+
+
+def _fmt(value, digits=2):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _device(run: Path) -> str:
+    return _config(run).get("device", "cpu").split(":")[0]
+
+
+def _hours(metrics) -> str:
+    seconds = sum(m.get("seconds") or 0 for m in metrics)
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def bandit_table(runs: Path) -> str:
+    rows = ["| layers | estimator | baseline | epochs | train acc | test acc | log grad var | device, train time |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for layers in (1, 2, 3):
+        for estimator in ("hnca", "reinforce"):
+            for baseline in ("baseline", "no-baseline"):
+                run = runs / "bandit" / f"{estimator}-{baseline}-L{layers}"
+                m = _metrics(run)
+                if not m:
+                    rows.append(f"| {layers} | {estimator} | {baseline == 'baseline'} | not run | | | | |")
+                    continue
+                rows.append(f"| {layers} | {estimator} | {baseline == 'baseline'} | {m[-1]['epoch']} | "
+                            f"{_fmt(_last(m, 'train_accuracy'), 4)} | {_fmt(_last(m, 'test_accuracy'), 4)} | "
+                            f"{_fmt(_last(m, 'log_grad_variance'))} | {_device(run)}, {_hours(m)} |")
+    return "\n".join(rows)
+
+
+def _vae_dirs(runs: Path, layers: int, estimator: str, tag: str = "") -> list[Path]:
+    return sorted(d for d in (runs / "vae").glob(f"L{layers}-{estimator}{tag}-s*") if _metrics(d))
+
+
+def vae_table(runs: Path) -> str:
+    """Seed 0 of every cell; mean (min-max) over the seeds where several ran."""
+    rows = ["| layers | estimator | seeds | epochs | train ELBO | test bound (k=100) | log grad var | device, train time |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cells = [(1, "hnca", ""), (1, "reinforce_loo", ""), (1, "disarm", ""),
+             (2, "hnca_baseline", ""), (2, "reinforce_loo", ""), (2, "disarm", ""), (2, "reinforce_baseline", ""),
+             (3, "hnca_baseline", ""), (3, "reinforce_loo", ""), (3, "disarm", "")]
+    for layers, estimator, tag in cells:
+        dirs = _vae_dirs(runs, layers, estimator, tag)
+        if not dirs:
+            rows.append(f"| {layers} | {estimator} | - | not run | | | | |")
+            continue
+        ms = [_metrics(d) for d in dirs]
+
+        def spread(key, digits=2):
+            values = [_last(m, key) for m in ms if _last(m, key) is not None]
+            if not values:
+                return "-"
+            if len(values) == 1:
+                return _fmt(values[0], digits)
+            return f"{_fmt(statistics.mean(values), digits)} ({_fmt(min(values), digits)} to {_fmt(max(values), digits)})"
+
+        epochs = "/".join(str(m[-1]["epoch"]) for m in ms)
+        where = ", ".join(sorted({f"{_device(d)}" for d in dirs})) + ", " + "/".join(_hours(m) for m in ms)
+        rows.append(f"| {layers} | {estimator} | {len(dirs)} | {epochs} | {spread('train_elbo')} | "
+                    f"{spread('test_bound')} | {spread('log_grad_variance')} | {where} |")
+    return "\n".join(rows)
+
+
+def ablation_table(runs: Path) -> str:
+    rows = ["| 2 layers, f-HNCA with baseline | epochs | train ELBO | test bound | log grad var |",
+            "| --- | --- | --- | --- | --- |"]
+    for name, tag in (("as in the paper (children only, mediated components)", ""),
+                      ("rho on the direct components too (--rho-direct)", "-rho_direct"),
+                      ("upstream components too (--upstream)", "-upstream")):
+        run = runs / "vae" / f"L2-hnca_baseline{tag}-s0"
+        m = _metrics(run)
+        if not m:
+            rows.append(f"| {name} | not run | | | |")
+            continue
+        rows.append(f"| {name} | {m[-1]['epoch']} | {_fmt(_last(m, 'train_elbo'))} | {_fmt(_last(m, 'test_bound'))} | "
+                    f"{_fmt(_last(m, 'log_grad_variance'))} |")
+    return "\n".join(rows)
+
+
+def seeds_figure(runs: Path, output: Path) -> Path | None:
+    """2-layer cells over their seeds: mean train ELBO and log gradient variance with min-max bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    drawn = False
+    for color, estimator in zip(("C0", "C1", "C2"), ("hnca_baseline", "reinforce_loo", "disarm")):
+        ms = [_metrics(d) for d in _vae_dirs(runs, 2, estimator)]
+        if not ms:
+            continue
+        drawn = True
+        epochs = min(m[-1]["epoch"] for m in ms)
+        for ax, key, fn in ((left, "train_elbo", lambda v: v), (right, "grad_variance", math.log)):
+            series = [[fn(m[e][key]) for e in range(epochs)] for m in ms]
+            xs = list(range(1, epochs + 1))
+            mean = [statistics.mean(col) for col in zip(*series)]
+            ax.plot(xs, mean, color=color, label=f"{estimator} ({len(ms)} seeds)")
+            ax.fill_between(xs, [min(c) for c in zip(*series)], [max(c) for c in zip(*series)], color=color,
+                            alpha=0.2)
+    if not drawn:
+        plt.close(fig)
+        return None
+    left.set_ylabel("train ELBO")
+    right.set_ylabel("log mean gradient variance")
+    for ax in (left, right):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle("discrete VAE, 2 layers: mean over seeds, band from the lowest to the highest seed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output
+
+
+def write_report(runs: Path) -> int:
+    from hnca_kernels.experiments.plot import plot_runs
+
+    runs = Path(runs)
+    bandit = sorted(d for d in (runs / "bandit").glob("*") if _metrics(d))
+    if bandit:
+        print(plot_runs(bandit, DOCS / "bandit-100.png", "contextual-bandit MNIST (paper Figure 1)"))
+    seed0 = sorted(d for d in (runs / "vae").glob("L*-s0") if _metrics(d) and "rho" not in d.name
+                   and "upstream" not in d.name)
+    if seed0:
+        print(plot_runs(seed0, DOCS / "vae-100.png", "discrete VAE on MNIST, seed 0 (paper Figure 3)"))
+    print(seeds_figure(runs, DOCS / "vae-seeds.png"))
+    tables = "\n\n".join(["### Contextual bandit", bandit_table(runs), "### Discrete VAE", vae_table(runs),
+                          "### Appendix K ablations", ablation_table(runs)])
+    page = DOCS / "results.md"
+    text = page.read_text() if page.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{page} lacks the markers {BEGIN} and {END}")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    page.write_text(f"{head}{BEGIN}\n{tables}\n{END}{tail}")
+    print(f"wrote the tables into {page}")
+    return 0
