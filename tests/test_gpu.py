@@ -4,6 +4,7 @@ Run by ``benchmarks/gpu_check.sh`` on a GPU machine with the backend tests, test
 and the experiments' end-to-end runs on ``--device cuda``.
 """
 
+import copy
 import math
 import os
 from pathlib import Path
@@ -71,9 +72,10 @@ def test_vae_estimate_on_cuda_equals_cpu(estimator):
     branches = None
     if estimator in ("reinforce_loo", "disarm"):
         branches = [tuple(vae.sample_latents(x)[k:] for _ in range(2)) for k in range(3)]
+    gpu_vae = copy.deepcopy(vae).cuda()  # before the CPU step moves the baselines
     vae.estimate(x, estimator, latents=latents, branches=branches).loss.backward()
     expected = _grads(vae)
-    vae = vae.cuda()
+    vae = gpu_vae
     vae.zero_grad()
     cuda_branches = None if branches is None else [tuple([z.cuda() for z in t] for t in pair) for pair in branches]
     vae.estimate(x.cuda(), estimator, latents=[z.cuda() for z in latents], branches=cuda_branches).loss.backward()

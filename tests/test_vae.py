@@ -219,6 +219,12 @@ def test_rho_direct_baseline_tracks_what_rho_weighs():
     assert value == pytest.approx(mediated, rel=1e-12)
 
 
+def test_every_tensor_of_the_model_is_on_its_device():
+    # the baselines too: on a GPU a CPU baseline meant a host copy every step (and no graph capture)
+    vae = BernoulliVAE(2, hidden=4, data_dim=5, device="meta")
+    assert {t.device.type for t in (*vae.parameters(), *vae.buffers())} == {"meta"}
+
+
 def test_per_layer_widths_and_swapped_layers():
     vae = BernoulliVAE(3, hidden=[6, 4, 3], data_dim=7)
     assert [(m.in_features, m.out_features) for m in vae.encoder] == [(7, 6), (6, 4), (4, 3)]

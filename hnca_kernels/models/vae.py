@@ -107,7 +107,7 @@ class BernoulliVAE(nn.Module):
         self.decoder = nn.ModuleList(BernoulliLinear(sizes[k + 1], sizes[k], **factory) for k in range(num_layers))
         self.prior_logits = nn.Parameter(torch.zeros(sizes[-1], **factory))
         # one per encoder layer: of S_k (hnca_baseline) or D_k (reinforce_baseline)
-        self.baselines = nn.ModuleList(MovingAverageBaseline(baseline_decay) for _ in range(num_layers))
+        self.baselines = nn.ModuleList(MovingAverageBaseline(baseline_decay).to(device) for _ in range(num_layers))
 
     # ----------------------------------------------------------------- checks
     @property
