@@ -27,9 +27,12 @@ import torch
 BACKENDS = ("reference", "triton", "cpp", "cuda")
 
 # Fastest first, per device type, for ``backend=None``.
+# NOTE: on an H200 (2026-11-27, benchmarks/RESULTS.md) whole HNCA steps ran faster with the CUDA
+# kernels than with Triton's: 75 vs 129 ms at B=4096, 4096-wide, 0.57 vs 0.62 ms graphed at the
+# paper's shape (Triton's fused forward, an FP32 tl.dot, also lost to cuBLAS at the large shape).
 _AUTO_ORDER = {
     "cpu": ("cpp", "reference"),
-    "cuda": ("triton", "cuda", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
 }
 
 _default: contextvars.ContextVar[str | None] = contextvars.ContextVar("hnca_backend", default=None)
