@@ -34,3 +34,28 @@ def linear_gradient_variance(inputs, logit_grads, bias: bool = True):
         total = total + sum(a).var(0, unbiased=False).sum()
         count += a[0].shape[1]
     return total.clamp_min(0), count
+
+
+def linear_gradient_square_sum(inputs, logit_grads, bias: bool = True):
+    """The sum over the batch's examples of the squared norm of a linear layer's per-example
+    gradient, ``sum_b |g_b|^2`` (arguments and g_b as in ``linear_gradient_variance``).
+
+    With the mean gradient it gives the variance: ``sum_b |g_b|^2 / B - |mean_b g_b|^2``. Unlike the
+    variance it adds over any split of the batch, so processes that each hold a share of the batch
+    sum their shares and subtract the mean gradient, which DDP's averaged gradient gives them.
+    Per example it is the diagonal of ``linear_gradient_variance``'s Gram product: |a_b|^2 |x_b|^2
+    for one call, no B x B matrix.
+
+    Returns (the sum, a float64 tensor; number of parameters).
+    """
+    xs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    grads = [logit_grads] if isinstance(logit_grads, torch.Tensor) else list(logit_grads)
+    a = [g.detach().double().flatten(0, -2) for g in grads]
+    x = [t.detach().double().flatten(0, -2) for t in xs]
+    per_example = sum((ai * aj).sum(-1) * (xi * xj).sum(-1) for ai, xi in zip(a, x) for aj, xj in zip(a, x))
+    total = per_example.sum()
+    count = a[0].shape[1] * x[0].shape[1]
+    if bias:
+        total = total + sum(a).square().sum()
+        count += a[0].shape[1]
+    return total, count

@@ -11,6 +11,10 @@ Training draws from checkpointed state only: a dedicated CPU ``torch.Generator``
 order and the training binarization, and the global torch RNG (saved in the checkpoint) draws the
 network's samples. The test accuracy of epoch e draws from its own streams seeded by (seed, e), so
 testing never moves the training streams.
+
+Under torchrun (``world.py``) the network runs inside DistributedDataParallel, recorded as usual,
+each rank on its share of every batch (--batch-size is the batch of one update over all ranks);
+the accuracies and the gradient variance are over all ranks' examples, and rank 0 writes the run.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from tqdm import tqdm
 from .. import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential, record, use_backend
 from ..backends import BACKENDS, unavailable_reason
 from ..data import binarize
+from ..metrics import linear_gradient_square_sum
 from ..record import ESTIMATORS
 from . import common
 from .common import NonFinite, positive_float, positive_int
-from .rundir import CHECKPOINT, CommandError, RunDir, UsageError, one_line
+from .rundir import CHECKPOINT, CommandError, UsageError, one_line
+from .world import SharedRun, World
 
 # Config entries that define the run: a resumed run must match them exactly (a config.json from
 # before --dataset means mnist). The others (epochs, device, backend, threads, data directory,
@@ -69,9 +75,9 @@ def build_model(layers: int, width: int, classes: int = 10, in_features: int = 7
     return StochasticSequential(*hidden, CategoricalLinear(width, classes))
 
 
-def _start(args, run: RunDir, classes: int, device: torch.device):
+def _start(args, run: SharedRun, classes: int, device: torch.device, world: World):
     """Model, optimizer, baseline and data generator: fresh, or restored from the run's checkpoint."""
-    common.seed_everything(args.seed)
+    world.seed(args.seed)
     model = build_model(args.layers, args.width, classes).to(device)  # before the optimizer: its state follows the params
     baseline = MovingAverageBaseline(0.99).to(device)
     graphs = args.cuda_graphs and common.device_loop(args, device)
@@ -83,129 +89,241 @@ def _start(args, run: RunDir, classes: int, device: torch.device):
             common.load_optimizer(optimizer, state["optimizer"])
             baseline.load_state_dict(state["baseline"])
             data_rng.set_state(state["data_rng"])
-            common.set_rng_state(state["rng"])
+            common.set_rng_state(run.rng_state())
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            raise CommandError(f"{run.path / CHECKPOINT} does not fit this run ({one_line(exc)})") from None
+            raise CommandError(f"{args.out / CHECKPOINT} does not fit this run ({one_line(exc)})") from None
     return model, optimizer, baseline, data_rng
 
 
-def _step(model, optimizer, baseline, args):
+def _step(model, optimizer, baseline, args, world: World | None = None, forward=None):
     """One training step that never waits for the GPU: (sum of the rewards, the gradient variance
-    metric, whether the loss and gradients were finite), all device tensors."""
-    def step(images, labels):
+    metric, whether the loss and gradients were finite), all device tensors.
+
+    Under torchrun (``forward``: the DDP-wrapped model) the step is ``step(images, labels, weight)``
+    on this rank's share with its loss weight (a device scalar, ``World.loss_weight``), and the
+    variance is this rank's term of the whole batch's (``common.variance_share``)."""
+    if world is None or not world.distributed:
+        def step(images, labels):
+            with record() as rec:
+                action = model(images)
+            reward = (action == labels).to(images.dtype)
+            b = baseline(reward) if args.baseline else 0.0
+            optimizer.zero_grad(set_to_none=True)
+            loss = rec.surrogate_loss(reward, estimator=args.estimator, baseline=b)
+            loss.backward()
+            finite = common.finite_flag(loss, model.parameters())
+            optimizer.step()
+            return reward.sum(), rec.gradient_variance(as_tensor=True), finite
+        return step
+
+    def shared_step(images, labels, weight):
         with record() as rec:
-            action = model(images)
+            action = forward(images)  # DDP's forward: the layers inside register as usual
+        reward = (action == labels).to(images.dtype)
+        b = baseline(reward) if args.baseline else 0.0  # synced: the mean over all ranks' rewards
+        optimizer.zero_grad(set_to_none=True)
+        loss = rec.surrogate_loss(reward, estimator=args.estimator, baseline=b)
+        (loss * weight).backward()  # DDP averages the gradients over the ranks here
+        finite = common.finite_flag(loss, model.parameters())
+        variance = _variance_share(rec, model, images.shape[0], weight, world)
+        optimizer.step()
+        return reward.sum(), variance, finite
+    return shared_step
+
+
+def _gradient_square_sum(rec) -> tuple:
+    """``metrics.linear_gradient_square_sum`` over the record's layers, grouped as
+    ``Record.gradient_variance`` groups them (a layer called twice is one set of parameters).
+    NOTE: reads the per-example scores the record keeps from ``surrogate_loss`` (``_scores``), as
+    ``Record.gradient_variance`` does; a public accessor belongs in record.py."""
+    by_layer: dict = {}
+    for call, score in zip(rec.calls, rec._scores):
+        by_layer.setdefault(id(call.layer), []).append((call.inputs, score.flatten(1), call.layer))
+    total, count = 0.0, 0
+    for pairs in by_layer.values():
+        t, c = linear_gradient_square_sum([p[0] for p in pairs], [p[1] for p in pairs],
+                                          bias=pairs[0][2].bias is not None)
+        total, count = total + t, count + c
+    return total, count
+
+
+def _variance_share(rec, model, share: int, weight, world: World) -> torch.Tensor:
+    """This rank's term of the batch's gradient variance (every layer's), before the update."""
+    square_sum, count = _gradient_square_sum(rec)
+    return common.variance_share(square_sum, count, share, weight, world.size, [p.grad for p in model.parameters()])
+
+
+def _rank_rows(n: int, plan) -> torch.Tensor:
+    """The positions in an epoch of ``n`` examples of this rank's shares (``World.batches``), in order."""
+    return torch.cat([torch.arange(lo, hi) for _, lo, hi in plan]) if plan else torch.zeros(0, dtype=torch.long)
+
+
+def device_epoch(steps: common.DeviceEpoch, data_rng, x, y, args, device, progress=None, world: World | None = None):
+    """``train_epoch`` on the GPU without waiting for it (the same data order and binarization):
+    (mean reward, mean gradient variance, 1-based index of the first non-finite batch or None)."""
+    world = world or World()
+    n = x.shape[0]
+    order = torch.randperm(n, generator=data_rng)
+    # the whole epoch binarized at once draws the same uniforms as batch by batch
+    images, labels = binarize(x[order], generator=data_rng), y[order]
+    bs = args.batch_size
+    if not world.distributed:
+        images, labels = images.to(device), labels.to(device)
+        batches = ((images[k : k + bs], labels[k : k + bs]) for k in range(0, n, bs))
+        reward_sum, variance, _, bad = steps.run(batches, progress)
+        return reward_sum / n, variance, bad
+    plan = world.batches(n, bs)
+    rows = _rank_rows(n, plan)  # this rank's examples only go to its device
+    images, labels = images[rows].to(device), labels[rows].to(device)
+    offsets = [0]
+    for _, lo, hi in plan:
+        offsets.append(offsets[-1] + hi - lo)
+    weights = {c: torch.tensor(world.loss_weight(c), device=device) for c in {min(bs, n - s) for s, _, _ in plan}}
+    batches = ((images[a:b], labels[a:b], weights[min(bs, n - start)])
+               for (start, _, _), a, b in zip(plan, offsets, offsets[1:]))
+    full = sum(start + bs <= n for start, _, _ in plan)  # a smaller last batch runs eagerly on every rank
+    reward_sum, variance, count, bad = steps.run(batches, progress, eager_from=full)
+    reward_sum, variance, seen = world.sum([reward_sum, variance * count, len(rows)])
+    return reward_sum / seen, variance / count, world.first(bad)
+
+
+def train_epoch(model, optimizer, baseline, data_rng, x, y, args, device, guard, progress=None,
+                world: World | None = None, forward=None):
+    """One pass over (x, y) in a fresh order with fresh binarization: (mean reward, mean gradient
+    variance over the batches trained). ``guard`` (common.Divergence) checks every step. Under
+    torchrun (``forward`` as in ``_step``) each rank trains on its share of every batch."""
+    world = world or World()
+    n = x.shape[0]
+    order = torch.randperm(n, generator=data_rng)
+    reward_sum = torch.zeros((), dtype=torch.float64, device=device)
+    variance_sum, batches, seen = 0.0, 0, 0
+    for start, lo, hi in world.batches(n, args.batch_size):
+        idx = order[start : start + args.batch_size]
+        images = binarize(x[idx], generator=data_rng)  # the whole batch: the same draws at any world size
+        if world.distributed:
+            images, idx = images[lo - start : hi - start], idx[lo - start : hi - start]
+        images = images.to(device)
+        labels = y[idx].to(device)
+        with record() as rec:
+            action = (forward or model)(images)
         reward = (action == labels).to(images.dtype)
         b = baseline(reward) if args.baseline else 0.0
         optimizer.zero_grad(set_to_none=True)
         loss = rec.surrogate_loss(reward, estimator=args.estimator, baseline=b)
+        if world.distributed:
+            weight = world.loss_weight(min(args.batch_size, n - start))
+            loss = loss * weight
         loss.backward()
-        finite = common.finite_flag(loss, model.parameters())
-        optimizer.step()
-        return reward.sum(), rec.gradient_variance(as_tensor=True), finite
-    return step
-
-
-def device_epoch(steps: common.DeviceEpoch, data_rng, x, y, args, device, progress=None):
-    """``train_epoch`` on the GPU without waiting for it (the same data order and binarization):
-    (mean reward, mean gradient variance, 1-based index of the first non-finite batch or None)."""
-    n = x.shape[0]
-    order = torch.randperm(n, generator=data_rng)
-    # the whole epoch binarized at once draws the same uniforms as batch by batch
-    images, labels = binarize(x[order], generator=data_rng).to(device), y[order].to(device)
-    bs = args.batch_size
-    batches = ((images[k : k + bs], labels[k : k + bs]) for k in range(0, n, bs))
-    reward_sum, variance, _, bad = steps.run(batches, progress)
-    return reward_sum / n, variance, bad
-
-
-def train_epoch(model, optimizer, baseline, data_rng, x, y, args, device, guard, progress=None):
-    """One pass over (x, y) in a fresh order with fresh binarization: (mean reward, mean gradient
-    variance over the batches trained). ``guard`` (common.Divergence) checks every step."""
-    n = x.shape[0]
-    order = torch.randperm(n, generator=data_rng)
-    reward_sum = torch.zeros((), dtype=torch.float64, device=device)
-    variance_sum, batches = 0.0, 0
-    for start in range(0, n, args.batch_size):
-        idx = order[start : start + args.batch_size]
-        images = binarize(x[idx], generator=data_rng).to(device)
-        labels = y[idx].to(device)
-        with record() as rec:
-            action = model(images)
-        reward = (action == labels).to(images.dtype)
-        b = baseline(reward) if args.baseline else 0.0
-        optimizer.zero_grad(set_to_none=True)
-        rec.surrogate_loss(reward, estimator=args.estimator, baseline=b).backward()
         reward_sum += reward.sum()
+        seen += images.shape[0]
         if progress is not None:
             progress.update(1)
         if not guard.step_ok(model):  # --on-nonfinite skip: no update from this batch
             continue
+        if world.distributed:  # from the gradients, before the update
+            variance_sum += float(_variance_share(rec, model, images.shape[0], weight, world))
         optimizer.step()
         guard.after_step(model)
-        variance_sum += rec.gradient_variance()
+        if not world.distributed:
+            variance_sum += rec.gradient_variance()
         batches += 1
+    if world.distributed:  # over all ranks' examples (every rank trained the same batches)
+        reward, variance_sum, seen = world.sum([float(reward_sum), variance_sum, seen])
+        return reward / seen, (variance_sum / batches if batches else math.nan)
     return float(reward_sum) / n, (variance_sum / batches if batches else math.nan)
 
 
 @torch.no_grad()
-def evaluate(model, x, y, device, seed: int, epoch: int) -> float:
+def evaluate(model, x, y, device, seed: int, epoch: int, world: World | None = None) -> float:
     """Accuracy of sampled actions on a freshly binarized copy of (x, y), drawn from streams of
-    their own (seeded by ``seed`` and ``epoch``): the training streams are neither read nor moved."""
+    their own (seeded by ``seed`` and ``epoch``): the training streams are neither read nor moved.
+    Under torchrun each rank samples its share of the test set, from a stream of its own."""
+    world = world or World()
+    lo, hi = world.shard(x.shape[0])
     data_rng = torch.Generator().manual_seed(common.derived_seed(seed, epoch, _TEST_STREAMS[0]))
     correct = 0
-    with common.isolated_rng(common.derived_seed(seed, epoch, _TEST_STREAMS[1]), device):
+    with common.isolated_rng(common.derived_seed(seed, epoch, _TEST_STREAMS[1], *world.stream_keys()), device):
         for start in range(0, x.shape[0], _TEST_BATCH):
-            images = binarize(x[start : start + _TEST_BATCH], generator=data_rng).to(device)
-            correct += int((model(images) == y[start : start + _TEST_BATCH].to(device)).sum())
+            # every rank binarizes every chunk (the same pixels at any world size) and samples its part
+            images = binarize(x[start : start + _TEST_BATCH], generator=data_rng)
+            a, b = max(lo, start), min(hi, start + _TEST_BATCH)
+            if a >= b:
+                continue
+            if world.distributed:
+                images = images[a - start : b - start]
+            images = images.to(device)
+            correct += int((model(images) == y[a:b].to(device)).sum())
+    if world.distributed:
+        correct, count = world.sum([correct, hi - lo])
+        return correct / count
     return correct / x.shape[0]
 
 
 def run(args) -> int:
-    device = common.resolve_device(args.device)
+    with World.start(args.device) as world:
+        return _run(args, world)
+
+
+def _run(args, world: World) -> int:
+    device = world.device
     if args.backend is not None and (reason := unavailable_reason(args.backend, device)) is not None:
         raise UsageError(f"--backend {args.backend} cannot run on {device}: {reason}")
+    world.check_options(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = {k: getattr(args, k) for k in RUN_KEYS}
     config.update(experiment="bandit", epochs=args.epochs, device=str(device), backend=args.backend,
-                  on_nonfinite=args.on_nonfinite)
+                  on_nonfinite=args.on_nonfinite, world_size=world.size)
 
-    with RunDir.start(args.out, "bandit", config, RUN_KEYS, args.resume, _DEFAULTS) as run_dir:
+    with SharedRun.start(world, args.out, "bandit", config, RUN_KEYS, args.resume, _DEFAULTS) as run_dir:
         if run_dir.epoch >= args.epochs:
-            print(f"{args.out}: already trained for {run_dir.epoch} epochs (--epochs {args.epochs})")
+            if world.main:
+                print(f"{args.out}: already trained for {run_dir.epoch} epochs (--epochs {args.epochs})")
             return 0
-        train_x, train_y, classes = common.load_split(args.dataset, "train", args.data_dir, args.limit_train)
-        test_x, test_y, _ = common.load_split(args.dataset, "test", args.data_dir, args.limit_test)
-        model, optimizer, baseline, data_rng = _start(args, run_dir, classes, device)
+        with world.agreement():
+            train_x, train_y, classes = common.load_split(args.dataset, "train", args.data_dir, args.limit_train)
+            test_x, test_y, _ = common.load_split(args.dataset, "test", args.data_dir, args.limit_test)
+            world.check_examples(train_x.shape[0])
+        with world.agreement():
+            model, optimizer, baseline, data_rng = _start(args, run_dir, classes, device, world)
         run_dir.write_config(config)
+        graphs = args.cuda_graphs and common.device_loop(args, device)
+        # DDP broadcasts rank 0's parameters, the one-process ones, to every rank
+        forward = world.wrap(model, graphs) if world.distributed else None
         try:
-            _train(args, config, run_dir, model, optimizer, baseline, data_rng, train_x, train_y, test_x, test_y, device)
+            _train(args, config, run_dir, model, optimizer, baseline, data_rng, train_x, train_y, test_x, test_y,
+                   device, world, forward)
         except KeyboardInterrupt:
             raise CommandError("interrupted; resume with --resume", 130) from None
     return 0
 
 
-def _train(args, config, run_dir, model, optimizer, baseline, data_rng, train_x, train_y, test_x, test_y, device):
+def _train(args, config, run_dir, model, optimizer, baseline, data_rng, train_x, train_y, test_x, test_y, device,
+           world: World, forward):
     done = run_dir.epoch
-    guard = common.Divergence(args.on_nonfinite)
+    guard = common.Divergence(args.on_nonfinite, world)
     on_device = common.device_loop(args, device)
-    steps = common.DeviceEpoch(_step(model, optimizer, baseline, args), args.cuda_graphs) if on_device else None
-    batches = math.ceil(train_x.shape[0] / args.batch_size)
+    steps = None
+    if on_device:
+        steps = common.DeviceEpoch(_step(model, optimizer, baseline, args, world, forward), args.cuda_graphs,
+                                   warmup=world.graph_warmup)
+    batches = len(world.batches(train_x.shape[0], args.batch_size))
     label = f"{args.estimator}{'+baseline' if args.baseline else ''}, {args.layers} layer(s)"
     with use_backend(args.backend), tqdm(total=args.epochs * batches, initial=done * batches, desc=label,
-                                         unit="batch", disable=args.no_progress, mininterval=2.0) as progress:
+                                         unit="batch", disable=args.no_progress or not world.main,
+                                         mininterval=2.0) as progress:
         for epoch in range(done + 1, args.epochs + 1):
             started = time.perf_counter()
             guard.start_epoch()
             if on_device:
-                train_acc, variance, bad = device_epoch(steps, data_rng, train_x, train_y, args, device, progress)
+                train_acc, variance, bad = device_epoch(steps, data_rng, train_x, train_y, args, device, progress,
+                                                        world)
                 if bad is not None:
                     raise guard.stopped(NonFinite("loss or gradient"), f"epoch {epoch}, batch {bad}", run_dir.epoch)
             else:
                 try:
                     train_acc, variance = train_epoch(model, optimizer, baseline, data_rng, train_x, train_y, args,
-                                                      device, guard, progress)
+                                                      device, guard, progress, world, forward)
                 except NonFinite as problem:
                     raise guard.stopped(problem, f"epoch {epoch}, batch {guard.batch}", run_dir.epoch) from None
             try:
@@ -215,7 +333,7 @@ def _train(args, config, run_dir, model, optimizer, baseline, data_rng, train_x,
             except NonFinite as problem:
                 where = f"every batch of epoch {epoch}" if guard.skipped == batches else f"the end of epoch {epoch}"
                 raise guard.stopped(problem, where, run_dir.epoch) from None
-            test_acc = evaluate(model, test_x, test_y, device, args.seed, epoch)
+            test_acc = evaluate(model, test_x, test_y, device, args.seed, epoch, world)
             record = {
                 "epoch": epoch,
                 "train_accuracy": train_acc,
@@ -228,6 +346,6 @@ def _train(args, config, run_dir, model, optimizer, baseline, data_rng, train_x,
                 record["skipped_batches"] = guard.skipped
             run_dir.finish_epoch(record, {
                 "config": config, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "baseline": baseline.state_dict(), "data_rng": data_rng.get_state(), "rng": common.rng_state(),
+                "baseline": baseline.state_dict(), "data_rng": data_rng.get_state(),
             })
             progress.set_postfix(train=f"{train_acc:.4f}", test=f"{test_acc:.4f}", logvar=f"{record['log_grad_variance'] or 0:.2f}")

@@ -134,12 +134,17 @@ class Divergence:
     otherwise ``stop`` raises NonFinite and ``skip`` counts the batch and returns False (the caller
     skips ``optimizer.step``). ``after_step(model)`` raises NonFinite if an update left a parameter
     non-finite (then no skip can help), ``check_state`` does the same for a whole state dict.
+
+    ``world`` (``world.World``, several processes): each step's verdict is agreed on (one all-reduce
+    of a flag), so that every rank stops, or skips the batch, together. The gradients and parameters
+    are the same on every rank (DDP averages the gradients); a loss is each rank's own.
     """
 
-    def __init__(self, policy: str):
+    def __init__(self, policy: str, world=None):
         if policy not in ON_NONFINITE:
             raise ValueError(f"policy must be one of {ON_NONFINITE}, got {policy!r}")
         self.policy = policy
+        self.world = world if world is not None and world.distributed else None
         self.start_epoch()
 
     def start_epoch(self) -> None:
@@ -156,6 +161,8 @@ class Divergence:
             if named and not _sum_is_finite([g for _, g in named]):
                 bad = _nonfinite_names(named)
                 problem = f"gradient of {', '.join(bad)}" if bad else "gradient (too large to sum)"
+        if self.world is not None and self.world.any(problem is not None) and problem is None:
+            problem = "loss on another process"
         if problem is None:
             return True
         if self.policy == "stop":
@@ -239,6 +246,21 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
                 optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
 
 
+def variance_share(square_sum: torch.Tensor, count: int, share: int, weight, size: int, grads) -> torch.Tensor:
+    """This rank's term of the gradient-variance metric of a batch shared among ``size`` ranks; the
+    terms of all ranks sum to what one process computes on the whole batch (up to rounding):
+
+        (1/P) [ (1/m) sum_b |g_b|^2 - |mean_b g_b|^2 ],  b over the m examples of all shares,
+
+    g_b being example b's estimate over the metric's P = ``count`` parameters. This rank holds
+    ``square_sum`` = sum of |g_b|^2 over its ``share`` examples; 1/m = ``weight`` / (size x share)
+    (``World.loss_weight``); the mean estimate is minus the DDP-averaged gradient ``grads``, the same
+    on every rank, so each rank subtracts 1/size of its square. A float64 device tensor, no host sync.
+    """
+    mean_square = torch.stack([g.detach().double().square().sum() for g in grads]).sum()
+    return (square_sum * weight / (size * share) - mean_square / size) / count
+
+
 def finite_flag(loss: torch.Tensor, params) -> torch.Tensor:
     """A device bool: the loss and every gradient are finite (no host synchronisation)."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -250,20 +272,25 @@ class DeviceEpoch:
     """Runs a step ``step(*batch) -> (value, variance, finite)`` of device tensors over an epoch's
     batches without waiting for the GPU: sums stay on the device and the first non-finite batch is
     found after the epoch (the policy "stop": the previous checkpoint is kept). The step runs in a
-    CUDA graph (``hnca_kernels.CapturedStep``) unless ``graphs`` is False; its last, smaller batch
-    (if any) runs eagerly."""
+    CUDA graph (``hnca_kernels.CapturedStep``, after ``warmup`` eager calls) unless ``graphs`` is
+    False; its last, smaller batch (if any) runs eagerly."""
 
-    def __init__(self, step, graphs: bool):
+    def __init__(self, step, graphs: bool, warmup: int = 3):
         from .. import CapturedStep
 
-        self.step = CapturedStep(step, enabled=graphs)
+        self.step = CapturedStep(step, warmup=warmup, enabled=graphs)
 
-    def run(self, batches, progress=None) -> tuple[float, float, int, int | None]:
-        """(sum of the values, mean variance, batches, 1-based index of the first non-finite batch or None)."""
+    def run(self, batches, progress=None, eager_from: int | None = None) -> tuple[float, float, int, int | None]:
+        """(sum of the values, mean variance, batches, 1-based index of the first non-finite batch or None).
+
+        ``eager_from``: batches from this 0-based index on run eagerly whatever their shape. Under
+        torchrun a graph that holds a collective must be replayed by every rank or by none, and a
+        rank's share of a smaller last batch may have the shape of the others."""
         total = variance = first_bad = None
         count = 0
         for batch in batches:
-            value, var, finite = self.step(*batch)
+            eager = eager_from is not None and count >= eager_from
+            value, var, finite = (self.step.step if eager else self.step)(*batch)
             count += 1
             if total is None:
                 total, variance = value.double().clone(), var.double().clone()

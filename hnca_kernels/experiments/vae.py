@@ -7,6 +7,10 @@ Every epoch adds a JSON line to metrics.jsonl (train_elbo, grad_variance, and te
 ``rundir.py``; --resume continues exactly (model, Adam, baselines, data order and binarization,
 every RNG), and the test bound draws from its own stream seeded by (seed, epoch), so a run
 extended with --resume --epochs N equals an N-epoch run.
+
+Under torchrun (``world.py``) the VAE runs inside DistributedDataParallel, each rank on its share of
+every batch (--batch-size is the batch of one update over all ranks); the ELBO, the gradient
+variance and the test bound are computed over all ranks' examples, and rank 0 writes the run.
 """
 
 from __future__ import annotations
@@ -17,14 +21,15 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from ..backends import BACKENDS, unavailable_reason
 from ..data import binarize
 from ..models.vae import ESTIMATORS, BernoulliVAE
 from . import common
 from .common import NonFinite, positive_float, positive_int
-from .rundir import (CHECKPOINT, CONFIG, CommandError, RunDir, UsageError, experiment_of, load_checkpoint,
-                     one_line, read_json)
+from .rundir import CHECKPOINT, CONFIG, CommandError, UsageError, experiment_of, load_checkpoint, one_line, read_json
+from .world import SharedRun, World
 
 
 def register(subparsers) -> None:
@@ -83,17 +88,36 @@ def _restore(what: str, load) -> None:
 
 
 @torch.no_grad()
-def _test_bound(vae: BernoulliVAE, x_test: torch.Tensor, k: int, batch: int = 100) -> float:
+def _test_bound_sum(vae: BernoulliVAE, x_test: torch.Tensor, k: int, batch: int = 100) -> float:
     total = 0.0
     for start in range(0, x_test.shape[0], batch):
         total += float(vae.multisample_bound(x_test[start : start + batch], k=k).sum())
-    return total / x_test.shape[0]
+    return total
+
+
+class _Estimate(nn.Module):
+    """``BernoulliVAE.estimate`` as the forward DDP runs. ``DDP(vae)(x, estimator)`` (whose forward is
+    ``elbo_loss``) returns the loss alone; the metrics also need the ELBO samples and the encoder's
+    per-example estimates, which the ``ELBOEstimate`` holds. The parameters are the VAE's."""
+
+    def __init__(self, vae: BernoulliVAE, estimator: str):
+        super().__init__()
+        self.vae, self.estimator = vae, estimator
+
+    def forward(self, x: torch.Tensor):
+        return self.vae.estimate(x, self.estimator)
 
 
 def run_vae(args: argparse.Namespace) -> int:
-    device = common.resolve_device(args.device)
+    with World.start(args.device) as world:
+        return _run(args, world)
+
+
+def _run(args: argparse.Namespace, world: World) -> int:
+    device = world.device
     if args.backend is not None and (reason := unavailable_reason(args.backend, device)) is not None:
         raise UsageError(f"--backend {args.backend} cannot run on {device}: {reason}")
+    world.check_options(args)
     data = "" if args.dataset == "mnist" else f"{args.dataset}-"
     out = args.out or Path("runs") / f"vae-{data}L{args.layers}-{args.estimator}-s{args.seed}"
     config = {"experiment": "vae", "dataset": args.dataset, "layers": args.layers, "hidden": args.hidden,
@@ -102,15 +126,19 @@ def run_vae(args: argparse.Namespace) -> int:
               "rho_direct": args.rho_direct, "upstream": args.upstream, "backend": args.backend,
               "direct_in_baseline": (args.direct_in_baseline if args.direct_in_baseline is not None
                                      else args.rho_direct),
-              "epochs": args.epochs, "test_every": args.test_every, "on_nonfinite": args.on_nonfinite}
-    with RunDir.start(out, "vae", config, _RUN_KEYS, args.resume, _DEFAULTS) as run:
+              "epochs": args.epochs, "test_every": args.test_every, "on_nonfinite": args.on_nonfinite,
+              "world_size": world.size}
+    with SharedRun.start(world, out, "vae", config, _RUN_KEYS, args.resume, _DEFAULTS) as run:
         if run.epoch >= args.epochs:
-            print(f"{out}: already trained for {run.epoch} epochs (--epochs {args.epochs})")
+            if world.main:
+                print(f"{out}: already trained for {run.epoch} epochs (--epochs {args.epochs})")
             return 0
-        x_train, _, _ = common.load_split(args.dataset, "train", args.data_dir, args.limit_train)
-        x_test, _, _ = common.load_split(args.dataset, "test", args.data_dir, args.limit_test)
+        with world.agreement():
+            x_train, _, _ = common.load_split(args.dataset, "train", args.data_dir, args.limit_train)
+            x_test, _, _ = common.load_split(args.dataset, "test", args.data_dir, args.limit_test)
+            world.check_examples(x_train.shape[0])
         x_train, x_test = x_train.to(device), x_test.to(device)
-        common.seed_everything(args.seed)
+        world.seed(args.seed)
         data_rng = torch.Generator(device=device).manual_seed(args.seed)  # shuffling and binarization
         test_rng = torch.Generator(device=device).manual_seed(args.seed + 1)
         x_test = binarize(x_test, test_rng)  # one fixed binarization of the test set
@@ -125,43 +153,76 @@ def run_vae(args: argparse.Namespace) -> int:
                 vae.load_state_dict(state["model"])
                 common.load_optimizer(opt, state["optimizer"])
                 data_rng.set_state(state["data_rng"])
-                common.set_rng_state(state["rng"])
+                common.set_rng_state(run.rng_state())
 
-            _restore(str(out / CHECKPOINT), restore)
+            with world.agreement():
+                _restore(str(out / CHECKPOINT), restore)
         run.write_config(config)
+        # DDP broadcasts rank 0's parameters, the one-process ones, to every rank
+        forward = world.wrap(_Estimate(vae, args.estimator), graphs) if world.distributed else None
         try:
-            _train(args, run, vae, opt, data_rng, x_train, x_test, device)
+            _train(args, run, vae, opt, data_rng, x_train, x_test, device, world, forward)
         except KeyboardInterrupt:
             raise CommandError("interrupted; resume with --resume", 130) from None
     return 0
 
 
-def _step(vae: BernoulliVAE, opt, estimator: str):
+def _step(vae: BernoulliVAE, opt, estimator: str, world: World | None = None, forward=None):
     """One training step that never waits for the GPU: (sum of the ELBO samples, the gradient
-    variance metric, whether the loss and gradients were finite), all device tensors."""
-    def step(x):
-        estimate = vae.estimate(x, estimator)
+    variance metric, whether the loss and gradients were finite), all device tensors.
+
+    Under torchrun (``forward``: the DDP-wrapped ``_Estimate``) the step is ``step(x, weight)`` on this
+    rank's share ``x`` with its loss weight (a device scalar, ``World.loss_weight``), and the
+    variance is this rank's term of the whole batch's (``common.variance_share``)."""
+    if world is None or not world.distributed:
+        def step(x):
+            estimate = vae.estimate(x, estimator)
+            opt.zero_grad(set_to_none=True)
+            estimate.loss.backward()
+            finite = common.finite_flag(estimate.loss, vae.parameters())
+            opt.step()
+            total, count = estimate.gradient_variance(as_tensor=True)
+            return estimate.elbo.sum(), total / count, finite
+        return step
+
+    def shared_step(x, weight):
+        estimate = forward(x)
         opt.zero_grad(set_to_none=True)
-        estimate.loss.backward()
+        (estimate.loss * weight).backward()  # DDP averages the gradients over the ranks here
         finite = common.finite_flag(estimate.loss, vae.parameters())
+        variance = _variance_share(estimate, vae, x.shape[0], weight, world)
         opt.step()
-        total, count = estimate.gradient_variance(as_tensor=True)
-        return estimate.elbo.sum(), total / count, finite
-    return step
+        return estimate.elbo.sum(), variance, finite
+    return shared_step
 
 
-def _eager_epoch(args, vae, opt, guard, x_epoch, bar, epoch, saved):
+def _variance_share(estimate, vae: BernoulliVAE, share: int, weight, world: World) -> torch.Tensor:
+    """This rank's term of the batch's gradient variance (the encoder's), before the update."""
+    square_sum, count = estimate.gradient_square_sum()
+    grads = [p.grad for p in vae.encoder.parameters()]
+    return common.variance_share(square_sum, count, share, weight, world.size, grads)
+
+
+def _eager_epoch(args, vae, opt, guard, x_epoch, bar, epoch, saved, world: World | None = None, forward=None):
     """The epoch one step at a time, checking each step on the host (``--on-nonfinite`` either way):
-    (sum of the ELBO samples, examples, sum of the variance metric, batches)."""
+    (sum of the ELBO samples, examples, sum of the variance metric, batches). Under torchrun
+    (``world``, ``forward`` as in ``_step``) the sums are this rank's, to be summed over the ranks."""
+    world = world or World()
     skip = args.on_nonfinite == "skip"
-    bs = args.batch_size
+    n, bs = x_epoch.shape[0], args.batch_size
     elbo_sum, var_sum, seen, batches = 0.0, 0.0, 0, 0
-    for step in range(math.ceil(x_epoch.shape[0] / bs)):
-        x = x_epoch[step * bs : (step + 1) * bs]
+    for step, (start, lo, hi) in enumerate(world.batches(n, bs)):
+        x = x_epoch[lo:hi]
         buffers = [b.clone() for b in vae.buffers()] if skip else None  # the baselines' state
-        estimate = vae.estimate(x, args.estimator)
-        opt.zero_grad(set_to_none=True)
-        estimate.loss.backward()
+        if world.distributed:
+            weight = world.loss_weight(min(bs, n - start))
+            estimate = forward(x)
+            opt.zero_grad(set_to_none=True)
+            (estimate.loss * weight).backward()
+        else:
+            estimate = vae.estimate(x, args.estimator)
+            opt.zero_grad(set_to_none=True)
+            estimate.loss.backward()
         value = estimate.loss.item()
         bar.update(1)
         try:
@@ -170,44 +231,65 @@ def _eager_epoch(args, vae, opt, guard, x_epoch, bar, epoch, saved):
                     for b, kept in zip(vae.buffers(), buffers):
                         b.copy_(kept)
                 continue
+            if world.distributed:  # from the gradients, before the update
+                var_sum += float(_variance_share(estimate, vae, x.shape[0], weight, world))
             opt.step()
             guard.after_step(vae)
         except NonFinite as problem:
             raise guard.stopped(problem, f"epoch {epoch}, batch {guard.batch}", saved) from None
         elbo_sum += -value * x.shape[0]
         seen += x.shape[0]
-        total, count = estimate.gradient_variance()
-        var_sum += total / count
+        if not world.distributed:
+            total, count = estimate.gradient_variance()
+            var_sum += total / count
         batches += 1
         if step % 20 == 0:
             bar.set_postfix(elbo=f"{elbo_sum / seen:.2f}")
     return elbo_sum, seen, var_sum, batches
 
 
-def _train(args, run: RunDir, vae: BernoulliVAE, opt, data_rng, x_train, x_test, device) -> None:
+def _train(args, run: SharedRun, vae: BernoulliVAE, opt, data_rng, x_train, x_test, device,
+           world: World | None = None, forward=None) -> None:
     from tqdm import tqdm
 
-    guard = common.Divergence(args.on_nonfinite)
+    world = world or World()
+    guard = common.Divergence(args.on_nonfinite, world)
     n, bs = x_train.shape[0], args.batch_size
-    steps = math.ceil(n / bs)
+    plan = world.batches(n, bs)  # (batch start, this rank's share) of every update
     on_device = common.device_loop(args, device)
-    device_epoch = common.DeviceEpoch(_step(vae, opt, args.estimator), args.cuda_graphs) if on_device else None
+    device_epoch = None
+    if on_device:
+        device_epoch = common.DeviceEpoch(_step(vae, opt, args.estimator, world, forward), args.cuda_graphs,
+                                          warmup=world.graph_warmup)
+    test_lo, test_hi = world.shard(x_test.shape[0])  # the test set split among the ranks
+    # the loss weight of each batch size, on the device once (a copy per step would wait for the GPU)
+    weights = {c: torch.tensor(world.loss_weight(c), device=device) for c in {min(bs, n - s) for s, _, _ in plan}}
     for epoch in range(run.epoch + 1, args.epochs + 1):
         began = time.perf_counter()
         order = torch.randperm(n, generator=data_rng, device=device)
         x_epoch = binarize(x_train[order], data_rng)  # dynamic binarization: new pixels every epoch
         guard.start_epoch()
-        with tqdm(total=steps, desc=f"epoch {epoch}/{args.epochs}", disable=args.no_progress, leave=False,
-                  mininterval=2.0) as bar:
-            if on_device:
-                batches = ((x_epoch[k * bs : (k + 1) * bs],) for k in range(steps))
+        with tqdm(total=len(plan), desc=f"epoch {epoch}/{args.epochs}", disable=args.no_progress or not world.main,
+                  leave=False, mininterval=2.0) as bar:
+            if on_device and world.distributed:
+                batches = ((x_epoch[lo:hi], weights[min(bs, n - start)]) for start, lo, hi in plan)
+                full = sum(start + bs <= n for start, _, _ in plan)  # a smaller last batch runs eagerly
+                elbo_sum, var_sum, batches_done, bad = device_epoch.run(batches, bar, eager_from=full)
+                bad = world.first(bad)
+                if bad is not None:
+                    raise guard.stopped(NonFinite("loss or gradient"), f"epoch {epoch}, batch {bad}", run.epoch)
+                seen, var_sum = sum(hi - lo for _, lo, hi in plan), var_sum * batches_done
+            elif on_device:
+                batches = ((x_epoch[k * bs : (k + 1) * bs],) for k in range(len(plan)))
                 elbo_sum, var_sum, batches_done, bad = device_epoch.run(batches, bar)
                 if bad is not None:
                     raise guard.stopped(NonFinite("loss or gradient"), f"epoch {epoch}, batch {bad}", run.epoch)
                 seen, var_sum = n, var_sum * batches_done
             else:
                 elbo_sum, seen, var_sum, batches_done = _eager_epoch(args, vae, opt, guard, x_epoch, bar, epoch,
-                                                                     run.epoch)
+                                                                     run.epoch, world, forward)
+        if world.distributed:  # over all ranks' examples (every rank trained the same batches)
+            elbo_sum, seen, var_sum = world.sum([elbo_sum, seen, var_sum])
         try:
             if batches_done == 0:
                 raise NonFinite("loss or gradient")
@@ -222,14 +304,18 @@ def _train(args, run: RunDir, vae: BernoulliVAE, opt, data_rng, x_train, x_test,
             record["skipped_batches"] = guard.skipped
         if epoch % args.test_every == 0 or epoch == args.epochs:
             # its own random stream: testing (or not) leaves training unchanged, so --resume
-            # --epochs N after a shorter run equals an N-epoch run
-            with common.isolated_rng(common.derived_seed(args.seed, epoch, _TEST_STREAM), device):
-                record["test_bound"] = _test_bound(vae, x_test, args.test_samples)
+            # --epochs N after a shorter run equals an N-epoch run (under torchrun, one per rank)
+            seed = common.derived_seed(args.seed, epoch, _TEST_STREAM, *world.stream_keys())
+            with common.isolated_rng(seed, device):
+                total = _test_bound_sum(vae, x_test[test_lo:test_hi], args.test_samples)
+            total, count = world.sum([total, test_hi - test_lo])
+            record["test_bound"] = total / count
         run.finish_epoch(record, {"model": vae.state_dict(), "optimizer": opt.state_dict(),
-                                  "data_rng": data_rng.get_state(), "rng": common.rng_state()})
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in run.metrics[-1].items()
-                            if k != "epoch" and isinstance(v, (int, float)))
-        print(f"epoch {epoch}: {summary}", flush=True)
+                                  "data_rng": data_rng.get_state()})
+        if world.main:
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in run.metrics[-1].items()
+                                if k != "epoch" and isinstance(v, (int, float)))
+            print(f"epoch {epoch}: {summary}", flush=True)
 
 
 def run_sample(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from .. import validation
 from ..baseline import MovingAverageBaseline, update_baselines
 from ..functional import bernoulli_entropy, counterfactual_entropy_delta, counterfactual_log_ratio, hnca_logit_credit
 from ..layers import BernoulliLinear
-from ..metrics import linear_gradient_variance
+from ..metrics import linear_gradient_square_sum, linear_gradient_variance
 
 ESTIMATORS = ("hnca", "hnca_baseline", "reinforce", "reinforce_baseline", "reinforce_loo", "disarm")
 _BRANCHED = ("reinforce_loo", "disarm")  # these draw a pair of partial forward passes per layer
@@ -407,9 +407,24 @@ class ELBOEstimate:
         the per-example estimate (score part plus the direct entropy gradient), and the count.
         ``as_tensor``: the sum as a float64 tensor on the model's device (no host synchronisation)."""
         total, count = 0.0, 0
-        for inputs, logits, signal in zip(self._inputs, self._logits, self._signals):
-            # dH/dl = -l p (1 - p): the direct entropy gradient per example, in the logit
-            logit_grad = signal - logits * torch.sigmoid(logits) * torch.sigmoid(-logits)
+        for inputs, logit_grad in self._logit_grads():
             t, c = linear_gradient_variance(inputs, logit_grad)
             total, count = total + t, count + c
         return (total if as_tensor else float(total)), count
+
+    def _logit_grads(self):
+        """(inputs, per-example estimate in the logits) of each encoder layer."""
+        for inputs, logits, signal in zip(self._inputs, self._logits, self._signals):
+            # dH/dl = -l p (1 - p): the direct entropy gradient per example, in the logit
+            yield inputs, signal - logits * torch.sigmoid(logits) * torch.sigmoid(-logits)
+
+    def gradient_square_sum(self) -> tuple:
+        """Sum over the batch's examples of the squared norm of the per-example estimate over the
+        encoder's parameters (a float64 tensor on the model's device), and the count of parameters.
+        With the batch's mean estimate (minus the encoder's gradient) it gives ``gradient_variance``
+        for a batch whose examples are shared among processes (``metrics.linear_gradient_square_sum``)."""
+        total, count = 0.0, 0
+        for inputs, logit_grad in self._logit_grads():
+            t, c = linear_gradient_square_sum(inputs, logit_grad)
+            total, count = total + t, count + c
+        return total, count
