@@ -42,7 +42,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import validation
 from .backends import get_backend
-from .metrics import linear_gradient_variance
+from .metrics import linear_gradient_square_sum, linear_gradient_variance
 
 ESTIMATORS = ("hnca", "reinforce")
 
@@ -327,23 +327,40 @@ class Record:
             _warn_fallbacks(self)
         return _SurrogateLoss.apply(mean_reward, tuple(scores), *(c.logits for c in self.calls))
 
+    def _by_layer(self):
+        """Per layer (a layer called several times is one set of parameters): its calls' inputs,
+        their logit gradients of the last ``surrogate_loss`` [B, outputs], and whether it has a bias."""
+        if self._scores is None:
+            raise RuntimeError("gradient statistics need a surrogate_loss call first")
+        by_layer: dict = {}
+        for call, score in zip(self.calls, self._scores):
+            inputs, grads, _ = by_layer.setdefault(id(call.layer), ([], [], call.layer.bias is not None))
+            inputs.append(call.inputs)
+            grads.append(score.flatten(1))
+        return by_layer.values()
+
     def gradient_variance(self, as_tensor: bool = False):
         """Mean over the stochastic layers' parameters of the per-parameter variance, over the batch's
         examples, of the per-example estimate of the last ``surrogate_loss`` (the paper's "mean
         gradient variance"; deterministic modules are not included). A layer called several times
         is one set of parameters: its per-example gradient sums over the calls. ``as_tensor``: a
         float64 tensor on the model's device (no host synchronisation) instead of a float."""
-        if self._scores is None:
-            raise RuntimeError("gradient_variance needs a surrogate_loss call first")
-        by_layer: dict = {}
-        for call, score in zip(self.calls, self._scores):
-            by_layer.setdefault(id(call.layer), []).append((call.inputs, score.flatten(1), call.layer))
         total, count = 0.0, 0
-        for pairs in by_layer.values():
-            layer = pairs[0][2]
-            t, c = linear_gradient_variance([p[0] for p in pairs], [p[1] for p in pairs], bias=layer.bias is not None)
+        for inputs, grads, bias in self._by_layer():
+            t, c = linear_gradient_variance(inputs, grads, bias=bias)
             total, count = total + t, count + c
         return total / count if as_tensor else float(total) / count
+
+    def gradient_square_sum(self) -> tuple:
+        """(sum over the batch's examples of the squared norm of the per-example estimate over the
+        stochastic layers' parameters, a float64 tensor; the number of parameters): the part of the
+        gradient variance that adds over a split of the batch among processes
+        (``metrics.linear_gradient_square_sum``)."""
+        total, count = 0.0, 0
+        for inputs, grads, bias in self._by_layer():
+            t, c = linear_gradient_square_sum(inputs, grads, bias=bias)
+            total, count = total + t, count + c
+        return total, count
 
     def __repr__(self) -> str:
         return f"Record({self._state}, calls={self.calls})"

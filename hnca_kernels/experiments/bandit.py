@@ -30,7 +30,6 @@ from tqdm import tqdm
 from .. import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential, record, use_backend
 from ..backends import BACKENDS, unavailable_reason
 from ..data import binarize
-from ..metrics import linear_gradient_square_sum
 from ..record import ESTIMATORS
 from . import common
 from .common import NonFinite, positive_float, positive_int
@@ -131,25 +130,9 @@ def _step(model, optimizer, baseline, args, world: World | None = None, forward=
     return shared_step
 
 
-def _gradient_square_sum(rec) -> tuple:
-    """``metrics.linear_gradient_square_sum`` over the record's layers, grouped as
-    ``Record.gradient_variance`` groups them (a layer called twice is one set of parameters).
-    NOTE: reads the per-example scores the record keeps from ``surrogate_loss`` (``_scores``), as
-    ``Record.gradient_variance`` does; a public accessor belongs in record.py."""
-    by_layer: dict = {}
-    for call, score in zip(rec.calls, rec._scores):
-        by_layer.setdefault(id(call.layer), []).append((call.inputs, score.flatten(1), call.layer))
-    total, count = 0.0, 0
-    for pairs in by_layer.values():
-        t, c = linear_gradient_square_sum([p[0] for p in pairs], [p[1] for p in pairs],
-                                          bias=pairs[0][2].bias is not None)
-        total, count = total + t, count + c
-    return total, count
-
-
 def _variance_share(rec, model, share: int, weight, world: World) -> torch.Tensor:
     """This rank's term of the batch's gradient variance (every layer's), before the update."""
-    square_sum, count = _gradient_square_sum(rec)
+    square_sum, count = rec.gradient_square_sum()
     return common.variance_share(square_sum, count, share, weight, world.size, [p.grad for p in model.parameters()])
 
 
