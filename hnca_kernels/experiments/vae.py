@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace, world: World) -> int:
               "direct_in_baseline": (args.direct_in_baseline if args.direct_in_baseline is not None
                                      else args.rho_direct),
               "epochs": args.epochs, "test_every": args.test_every, "on_nonfinite": args.on_nonfinite,
-              "world_size": world.size}
+              "world_size": world.size, "device": str(device)}
     with SharedRun.start(world, out, "vae", config, _RUN_KEYS, args.resume, _DEFAULTS) as run:
         if run.epoch >= args.epochs:
             if world.main:
