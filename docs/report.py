@@ -41,7 +41,8 @@ def _fmt(value, digits=2):
 
 
 def _device(run: Path) -> str:
-    return _config(run).get("device", "cpu").split(":")[0]
+    device = str(_config(run).get("device", "cpu"))  # configs from before the VAE recorded it: the CPU
+    return "H200 GPU" if "H200" in device else ("GPU" if device.startswith("cuda") else "CPU")
 
 
 def _hours(metrics) -> str:

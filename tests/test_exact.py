@@ -65,7 +65,7 @@ def two_children(c):
         h1 = m.h1(x)
         h2, h3 = m.h2(h1), m.h3(torch.cat([x, h1], -1))
         return m.out(h2, h3)
-    return Model(forward, h1=B(3, 2, c), h2=B(2, 2, c), h3=B(3 + 2, 1, c), out=C(3, 3))
+    return Model(forward, h1=B(3, 2, c), h2=B(2, 2, c), h3=B(3 + 2, 1, c), out=C(3, 2))
 
 
 def shared(c):
@@ -75,13 +75,13 @@ def shared(c):
         for _ in range(2):
             h = m.step(h, x)
         return m.out(h)
-    return Model(forward, h1=B(3, 2, c), step=B(2 + 3, 2, c), out=C(2, 3))
+    return Model(forward, h1=B(3, 2, c), step=B(2 + 3, 2, c), out=C(2, 2))
 
 
 def categorical_bernoulli_child(c):
     # a categorical hidden layer (2 variables, K = 3) with a Bernoulli child
-    return Model(lambda m, x: m.out(m.h(m.z(x))), z=C(3, 3, num_variables=2, one_hot=True), h=B(6, 2, c),
-                 out=C(2, 3))
+    return Model(lambda m, x: m.out(m.h(m.z(x))), z=C(3, 3, num_variables=2, one_hot=True), h=B(6, 1, c),
+                 out=C(1, 3))
 
 
 def categorical_softmax_child(c):
