@@ -41,7 +41,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 
 # 1. the messages: accuracy against float64, then timing against the FP32 GEMM (builds the CUDA
 #    extension in a background thread meanwhile)
-part kernels 130 $PY benchmarks/gpu_kernels.py --budget 100 --no-tiles $DRYFLAG
+part kernels 130 $PY benchmarks/gpu_kernels.py --budget 100 --no-tiles --quick $DRYFLAG
 
 # 2. whole steps: HNCA / REINFORCE / backprop and the VAE's estimators, graphed and eager
 part steps 110 $PY benchmarks/gpu_steps.py --budget 85 $DRYFLAG
