@@ -4,8 +4,10 @@
 
 Writes docs/bandit-100.png, docs/vae-100.png and docs/vae-seeds.png, and replaces the text between
 ``<!-- report:begin -->`` and ``<!-- report:end -->`` in docs/results.md with the tables (cells
-that have not run yet are shown as such). A cell's numbers are its last epoch's, the test bound
-its last one.
+that have not run yet are shown as such). A cell's numbers are those of its planned length (100
+epochs; a run that went further is read at that epoch, so every cell is compared at the same
+length), the test bound the last one up to there. The claims section compares the cells that
+reached their length.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
+PLANNED = 100  # epochs of every cell (docs/experiments.py)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -31,9 +34,20 @@ def _config(run: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _upto(metrics, epochs=PLANNED):
+    """The metrics of the first ``epochs`` epochs (the cell's planned length)."""
+    return [m for m in metrics if m["epoch"] <= epochs]
+
+
 def _last(metrics, key):
     values = [m[key] for m in metrics if m.get(key) is not None]
     return values[-1] if values else None
+
+
+def _epochs(metrics) -> str:
+    """Epochs read, and how many ran where a run went further: "100 (of 133)"."""
+    read = _upto(metrics)[-1]["epoch"] if _upto(metrics) else 0
+    return f"{read} (of {metrics[-1]['epoch']})" if metrics[-1]["epoch"] > read else str(read)
 
 
 def _fmt(value, digits=2):
@@ -61,9 +75,10 @@ def bandit_table(runs: Path) -> str:
                 if not m:
                     rows.append(f"| {layers} | {estimator} | {baseline == 'baseline'} | not run | | | | |")
                     continue
-                rows.append(f"| {layers} | {estimator} | {baseline == 'baseline'} | {m[-1]['epoch']} | "
-                            f"{_fmt(_last(m, 'train_accuracy'), 4)} | {_fmt(_last(m, 'test_accuracy'), 4)} | "
-                            f"{_fmt(_last(m, 'log_grad_variance'))} | {_device(run)}, {_hours(m)} |")
+                at = _upto(m)
+                rows.append(f"| {layers} | {estimator} | {baseline == 'baseline'} | {_epochs(m)} | "
+                            f"{_fmt(_last(at, 'train_accuracy'), 4)} | {_fmt(_last(at, 'test_accuracy'), 4)} | "
+                            f"{_fmt(_last(at, 'log_grad_variance'))} | {_device(run)}, {_hours(m)} |")
     return "\n".join(rows)
 
 
@@ -86,14 +101,14 @@ def vae_table(runs: Path) -> str:
         ms = [_metrics(d) for d in dirs]
 
         def spread(key, digits=2):
-            values = [_last(m, key) for m in ms if _last(m, key) is not None]
+            values = [_last(_upto(m), key) for m in ms if _last(_upto(m), key) is not None]
             if not values:
                 return "-"
             if len(values) == 1:
                 return _fmt(values[0], digits)
             return f"{_fmt(statistics.mean(values), digits)} ({_fmt(min(values), digits)} to {_fmt(max(values), digits)})"
 
-        epochs = "/".join(str(m[-1]["epoch"]) for m in ms)
+        epochs = "/".join(_epochs(m) for m in ms)
         where = ", ".join(sorted({f"{_device(d)}" for d in dirs})) + ", " + "/".join(_hours(m) for m in ms)
         rows.append(f"| {layers} | {estimator} | {len(dirs)} | {epochs} | {spread('train_elbo')} | "
                     f"{spread('test_bound')} | {spread('log_grad_variance')} | {where} |")
@@ -111,9 +126,50 @@ def ablation_table(runs: Path) -> str:
         if not m:
             rows.append(f"| {name} | not run | | | |")
             continue
-        rows.append(f"| {name} | {m[-1]['epoch']} | {_fmt(_last(m, 'train_elbo'))} | {_fmt(_last(m, 'test_bound'))} | "
-                    f"{_fmt(_last(m, 'log_grad_variance'))} |")
+        at = _upto(m)
+        rows.append(f"| {name} | {_epochs(m)} | {_fmt(_last(at, 'train_elbo'))} | {_fmt(_last(at, 'test_bound'))} | "
+                    f"{_fmt(_last(at, 'log_grad_variance'))} |")
     return "\n".join(rows)
+
+
+def _final(run: Path) -> dict | None:
+    """A run's metrics at its planned epoch (the test bound: the last up to it); None if it is shorter."""
+    at = _upto(_metrics(run))
+    if not at or at[-1]["epoch"] < PLANNED:
+        return None
+    return {**at[-1], "test_bound": _last(at, "test_bound")}
+
+
+def _verdict(holds: bool) -> str:
+    return "holds" if holds else "**does not hold**"
+
+
+def claims(runs: Path) -> str:
+    """The paper's claims, checked on the seed-0 cells that reached their planned length."""
+    lines = []
+    for layers in (1, 2, 3):
+        cell = {(e, b): _final(runs / "bandit" / f"{e}-{b}-L{layers}")
+                for e in ("hnca", "reinforce") for b in ("baseline", "no-baseline")}
+        if None in cell.values():
+            lines.append(f"- bandit, {layers} hidden layer{'s' * (layers > 1)}: not every cell has reached {PLANNED} epochs yet.")
+            continue
+        for b in ("baseline", "no-baseline"):
+            h, r = cell["hnca", b], cell["reinforce", b]
+            lines.append(f"- bandit, {layers} hidden layer{'s' * (layers > 1)}, {b.replace('-', ' ')}: HNCA above REINFORCE in test "
+                         f"accuracy ({h['test_accuracy']:.4f} vs {r['test_accuracy']:.4f}): "
+                         f"{_verdict(h['test_accuracy'] > r['test_accuracy'])}; below it in log gradient variance "
+                         f"({h['log_grad_variance']:.2f} vs {r['log_grad_variance']:.2f}): "
+                         f"{_verdict(h['log_grad_variance'] < r['log_grad_variance'])}.")
+    for layers, mine in ((1, "hnca"), (2, "hnca_baseline"), (3, "hnca_baseline")):
+        cell = {e: _final(runs / "vae" / f"L{layers}-{e}-s0") for e in (mine, "reinforce_loo", "disarm")}
+        if None in cell.values():
+            lines.append(f"- VAE, {layers} layer{'s' * (layers > 1)}: not every cell has reached {PLANNED} epochs yet.")
+            continue
+        for key, label in (("train_elbo", "train ELBO"), ("test_bound", "test bound")):
+            values = ", ".join(f"{e} {m[key]:.2f}" for e, m in cell.items())
+            best = all(cell[mine][key] > cell[e][key] for e in ("reinforce_loo", "disarm"))
+            lines.append(f"- VAE, {layers} layer{'s' * (layers > 1)}, {label} ({values}): {mine} best: {_verdict(best)}.")
+    return "\n".join(lines)
 
 
 def seeds_figure(runs: Path, output: Path) -> Path | None:
@@ -166,7 +222,8 @@ def write_report(runs: Path) -> int:
     if seed0:
         print(plot_runs(seed0, DOCS / "vae-100.png", "discrete VAE on MNIST, seed 0 (paper Figure 3)"))
     print(seeds_figure(runs, DOCS / "vae-seeds.png"))
-    tables = "\n\n".join(["### Contextual bandit", bandit_table(runs), "### Discrete VAE", vae_table(runs),
+    tables = "\n\n".join(["### The paper's claims at this length (seed 0)", claims(runs),
+                          "### Contextual bandit", bandit_table(runs), "### Discrete VAE", vae_table(runs),
                           "### Appendix K ablations", ablation_table(runs)])
     page = DOCS / "results.md"
     text = page.read_text() if page.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
