@@ -1,0 +1,80 @@
+"""docs/experiments.py and docs/report.py on synthetic run directories (nothing is trained)."""
+
+import json
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+sys.path.insert(0, str(DOCS))
+import experiments  # noqa: E402
+import report  # noqa: E402
+
+
+def _run(path: Path, rows: list[dict], config: dict | None = None) -> Path:
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "config.json").write_text(json.dumps(config or {}))
+    return path
+
+
+def _bandit(runs: Path, name: str, accuracy: float, log_var: float, epochs: int = 100):
+    rows = [{"epoch": e, "train_accuracy": accuracy, "test_accuracy": accuracy + 0.001 * (e == epochs),
+             "log_grad_variance": log_var, "seconds": 6.0} for e in range(1, epochs + 1)]
+    _run(runs / "bandit" / name, rows)
+
+
+def _vae(runs: Path, name: str, offset: float, epochs: int, device: str = "cpu"):
+    # train ELBO -200 + epoch + offset; the test bound every 50 epochs and at 120, 10 above the ELBO
+    rows = [{"epoch": e, "train_elbo": -200.0 + e + offset, "log_grad_variance": -1.0, "seconds": 30.0}
+            for e in range(1, epochs + 1)]
+    for row in rows:
+        if row["epoch"] % 50 == 0 or row["epoch"] == 120:
+            row["test_bound"] = row["train_elbo"] + 10
+    _run(runs / "vae" / name, rows, {"device": device})
+
+
+def test_cells_are_read_at_their_planned_length(tmp_path):
+    _vae(tmp_path, "L2-reinforce_loo-s0", offset=0.0, epochs=133, device="cuda (NVIDIA H200)")
+    _vae(tmp_path, "L2-hnca_baseline-s0", offset=5.0, epochs=100)
+    _vae(tmp_path, "L2-hnca_baseline-s1", offset=7.0, epochs=100)
+    rows = {line.split(" | ")[1]: line for line in report.vae_table(tmp_path).splitlines()[2:]
+            if line.startswith("| 2 ")}
+    # epoch 100 of the longer run, its test bound of epoch 100 (not 120's), and how far it went
+    assert rows["reinforce_loo"].startswith("| 2 | reinforce_loo | 1 | 100 (of 133) | -100.00 | -90.00 |")
+    assert "H200 GPU" in rows["reinforce_loo"]
+    # two seeds: mean (min to max)
+    assert "| 2 | 100/100 | -94.00 (-95.00 to -93.00) | -84.00 (-85.00 to -83.00) |" in rows["hnca_baseline"]
+    assert "| 3 | hnca_baseline | - | not run |" in report.vae_table(tmp_path)
+
+
+def test_claims_say_which_hold_and_which_cells_are_missing(tmp_path):
+    for layers, reinforce_accuracy in ((1, 0.80), (2, 0.95)):  # at 2 layers REINFORCE wins: the claim fails
+        _bandit(tmp_path, f"hnca-baseline-L{layers}", 0.90, -9.0)
+        _bandit(tmp_path, f"hnca-no-baseline-L{layers}", 0.90, -8.0)
+        _bandit(tmp_path, f"reinforce-baseline-L{layers}", reinforce_accuracy, -5.0)
+        _bandit(tmp_path, f"reinforce-no-baseline-L{layers}", 0.70, -4.0)
+    _bandit(tmp_path, "hnca-baseline-L3", 0.90, -9.0, epochs=99)  # short of 100: not judged
+    for name, offset in (("L1-hnca-s0", 1.0), ("L1-reinforce_loo-s0", 0.0), ("L1-disarm-s0", 2.0)):
+        _vae(tmp_path, name, offset, epochs=100)
+    lines = report.claims(tmp_path).splitlines()
+    assert lines[0] == ("- bandit, 1 hidden layer, baseline: HNCA above REINFORCE in test accuracy "
+                        "(0.9010 vs 0.8010): holds; below it in log gradient variance (-9.00 vs -5.00): holds.")
+    assert "(0.9010 vs 0.9510): **does not hold**; below it in log gradient variance (-9.00 vs -5.00): holds" in lines[2]
+    assert lines[4] == "- bandit, 3 hidden layers: not every cell has reached 100 epochs yet."
+    assert lines[5] == ("- VAE, 1 layer, train ELBO (hnca -99.00, reinforce_loo -100.00, disarm -98.00): "
+                        "hnca best: **does not hold**.")
+    assert lines[7] == "- VAE, 2 layers: not every cell has reached 100 epochs yet."
+
+
+def test_experiments_skip_finished_cells_and_resume_cut_ones(tmp_path):
+    names = [c.name for c in experiments.select(["vae/L2-hnca_baseline-s*"])]
+    assert names == ["vae/L2-hnca_baseline-s0", "vae/L2-hnca_baseline-s1", "vae/L2-hnca_baseline-s2"]
+    cell = experiments.select(["vae/L2-hnca_baseline-s0"])[0]
+    assert "--resume" not in cell.argv(tmp_path)
+    _vae(tmp_path, "L2-hnca_baseline-s0", 0.0, epochs=40)
+    (tmp_path / cell.name / "checkpoint.pt").write_bytes(b"")
+    assert experiments.epochs_done(tmp_path / cell.name) == 40
+    argv = cell.argv(tmp_path)
+    assert argv[-1] == "--resume" and argv[argv.index("--epochs") + 1] == "100"
+    rho = experiments.select(["*rho_direct*"])[0]  # the ablation as the paper's code runs it
+    assert "--rho-direct" in rho.argv(tmp_path) and "--no-direct-in-baseline" not in rho.argv(tmp_path)
