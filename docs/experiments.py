@@ -3,10 +3,13 @@
     python docs/experiments.py run [--runs DIR] [--only PATTERN] [--jobs N]   # train missing cells
     python docs/experiments.py status [--runs DIR]                            # epochs done per cell
     python docs/experiments.py report [--runs DIR]                            # tables and figures
+    python docs/experiments.py collect [--runs DIR] [--to docs/metrics]       # the committed copy
 
 Every cell is one ``hnca`` command with one CPU thread; ``run`` starts it fresh, continues it with
 ``--resume`` when its directory holds a checkpoint, and skips it when its metrics already reach the
 cell's epochs. ``report`` writes the tables of docs/results.md (between its markers) and the figures.
+``collect`` copies every cell's config.json and metrics.jsonl (not its checkpoint) to docs/metrics,
+the copy in the repository that ``report --runs docs/metrics`` redraws the page from.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import fnmatch
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -115,17 +119,33 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_collect(args) -> int:
+    copied = 0
+    for cell in cells():
+        for name in ("config.json", "metrics.jsonl"):
+            source = args.runs / cell.name / name
+            if source.exists():
+                (args.to / cell.name).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, args.to / cell.name / name)
+                copied += 1
+    print(f"copied {copied} file(s) to {args.to}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("run", "status", "report"))
+    parser.add_argument("action", choices=("run", "status", "report", "collect"))
     parser.add_argument("--runs", type=Path, default=Path("runs/paper"), help="directory of the run directories")
     parser.add_argument("--only", nargs="*", help="cell name patterns (fnmatch), e.g. 'vae/L2-*'")
+    parser.add_argument("--to", type=Path, default=DOCS / "metrics", help="collect: where the copies go")
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at once (one CPU thread each)")
     args = parser.parse_args(argv)
     if args.action == "run":
         return cmd_run(args)
     if args.action == "status":
         return cmd_status(args)
+    if args.action == "collect":
+        return cmd_collect(args)
     sys.path.insert(0, str(DOCS))
     from report import write_report  # docs/report.py: tables and figures from the run directories
 

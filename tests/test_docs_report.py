@@ -78,3 +78,13 @@ def test_experiments_skip_finished_cells_and_resume_cut_ones(tmp_path):
     assert argv[-1] == "--resume" and argv[argv.index("--epochs") + 1] == "100"
     rho = experiments.select(["*rho_direct*"])[0]  # the ablation as the paper's code runs it
     assert "--rho-direct" in rho.argv(tmp_path) and "--no-direct-in-baseline" not in rho.argv(tmp_path)
+
+
+def test_collect_copies_metrics_and_configs_but_not_checkpoints(tmp_path):
+    runs, to = tmp_path / "runs", tmp_path / "metrics"
+    _vae(runs, "L2-disarm-s0", 0.0, epochs=3)
+    (runs / "vae" / "L2-disarm-s0" / "checkpoint.pt").write_bytes(b"weights")
+    assert experiments.main(["collect", "--runs", str(runs), "--to", str(to)]) == 0
+    copied = sorted(p.relative_to(to).as_posix() for p in to.rglob("*") if p.is_file())
+    assert copied == ["vae/L2-disarm-s0/config.json", "vae/L2-disarm-s0/metrics.jsonl"]
+    assert experiments.epochs_done(to / "vae" / "L2-disarm-s0") == 3
