@@ -2,9 +2,9 @@
 
     python docs/experiments.py report [--runs DIR]
 
-Writes docs/bandit-100.png, docs/vae-100.png and docs/vae-seeds.png, and replaces the text between
-``<!-- report:begin -->`` and ``<!-- report:end -->`` in docs/results.md with the tables (cells
-that have not run yet are shown as such). A cell's numbers are those of its planned length (100
+Writes docs/bandit-100.png, docs/vae-100.png, docs/vae-seeds.png and docs/vae-ablations.png, and
+replaces the text between ``<!-- report:begin -->`` and ``<!-- report:end -->`` in docs/results.md
+with the claims, the tables and the figures' links (cells that have not run yet are shown as such). A cell's numbers are those of its planned length (100
 epochs; a run that went further is read at that epoch, so every cell is compared at the same
 length), the test bound the last one up to there. The claims section compares the cells that
 reached their length.
@@ -210,22 +210,40 @@ def seeds_figure(runs: Path, output: Path) -> Path | None:
     return output
 
 
-def write_report(runs: Path) -> int:
+def write_report(runs: Path, docs: Path = DOCS) -> int:
+    """The page ``docs``/results.md and its figures beside it, from the run directories under ``runs``."""
     from hnca_kernels.experiments.plot import plot_runs
 
-    runs = Path(runs)
+    runs, docs = Path(runs), Path(docs)
+
+    def figure(dirs, name, title, caption) -> str:
+        """Draw ``dirs`` into docs/<name> and return its Markdown link ("" when nothing ran)."""
+        if not dirs:
+            return ""
+        print(plot_runs(dirs, docs / name, title))
+        return f"![{caption}]({name})"
+
     bandit = sorted(d for d in (runs / "bandit").glob("*") if _metrics(d))
-    if bandit:
-        print(plot_runs(bandit, DOCS / "bandit-100.png", "contextual-bandit MNIST (paper Figure 1)"))
     seed0 = sorted(d for d in (runs / "vae").glob("L*-s0") if _metrics(d) and "rho" not in d.name
                    and "upstream" not in d.name)
-    if seed0:
-        print(plot_runs(seed0, DOCS / "vae-100.png", "discrete VAE on MNIST, seed 0 (paper Figure 3)"))
-    print(seeds_figure(runs, DOCS / "vae-seeds.png"))
-    tables = "\n\n".join(["### The paper's claims at this length (seed 0)", claims(runs),
-                          "### Contextual bandit", bandit_table(runs), "### Discrete VAE", vae_table(runs),
-                          "### Appendix K ablations", ablation_table(runs)])
-    page = DOCS / "results.md"
+    ablations = [d for d in (runs / "vae" / f"L2-hnca_baseline{tag}-s0" for tag in ("", "-rho_direct", "-upstream"))
+                 if _metrics(d)]
+    seeds = seeds_figure(runs, docs / "vae-seeds.png")
+    sections = [
+        "### The paper's claims at this length (seed 0)", claims(runs),
+        "### Contextual bandit", bandit_table(runs),
+        figure(bandit, "bandit-100.png", "contextual-bandit MNIST (paper Figure 1)",
+               "bandit: accuracy (train dotted, test solid) and log mean gradient variance per epoch"),
+        "### Discrete VAE", vae_table(runs),
+        figure(seed0, "vae-100.png", "discrete VAE on MNIST, seed 0 (paper Figure 3)",
+               "VAE, seed 0: train ELBO and log mean encoder gradient variance per epoch"),
+        f"![VAE, 2 layers: mean and range over seeds]({seeds.name})" if seeds else "",
+        "### Appendix K ablations", ablation_table(runs),
+        figure(ablations, "vae-ablations.png", "2-layer f-HNCA with baseline: Appendix K ablations",
+               "ablations: train ELBO and log gradient variance per epoch"),
+    ]
+    tables = "\n\n".join(part for part in sections if part)
+    page = docs / "results.md"
     text = page.read_text() if page.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{page} lacks the markers {BEGIN} and {END}")

@@ -1,6 +1,7 @@
 """docs/experiments.py and docs/report.py on synthetic run directories (nothing is trained)."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,13 +20,14 @@ def _run(path: Path, rows: list[dict], config: dict | None = None) -> Path:
 
 def _bandit(runs: Path, name: str, accuracy: float, log_var: float, epochs: int = 100):
     rows = [{"epoch": e, "train_accuracy": accuracy, "test_accuracy": accuracy + 0.001 * (e == epochs),
-             "log_grad_variance": log_var, "seconds": 6.0} for e in range(1, epochs + 1)]
+             "grad_variance": math.exp(log_var), "log_grad_variance": log_var, "seconds": 6.0} for e in range(1, epochs + 1)]
     _run(runs / "bandit" / name, rows)
 
 
 def _vae(runs: Path, name: str, offset: float, epochs: int, device: str = "cpu"):
     # train ELBO -200 + epoch + offset; the test bound every 50 epochs and at 120, 10 above the ELBO
-    rows = [{"epoch": e, "train_elbo": -200.0 + e + offset, "log_grad_variance": -1.0, "seconds": 30.0}
+    rows = [{"epoch": e, "train_elbo": -200.0 + e + offset, "grad_variance": math.exp(-1.0), "log_grad_variance": -1.0,
+             "seconds": 30.0}
             for e in range(1, epochs + 1)]
     for row in rows:
         if row["epoch"] % 50 == 0 or row["epoch"] == 120:
@@ -88,3 +90,17 @@ def test_collect_copies_metrics_and_configs_but_not_checkpoints(tmp_path):
     copied = sorted(p.relative_to(to).as_posix() for p in to.rglob("*") if p.is_file())
     assert copied == ["vae/L2-disarm-s0/config.json", "vae/L2-disarm-s0/metrics.jsonl"]
     assert experiments.epochs_done(to / "vae" / "L2-disarm-s0") == 3
+
+
+def test_report_fills_the_page_between_its_markers_and_links_its_figures(tmp_path):
+    runs = tmp_path / "runs"
+    for name, accuracy in (("hnca-baseline-L1", 0.9), ("reinforce-baseline-L1", 0.8)):
+        _bandit(runs, name, accuracy, -5.0)
+    _vae(runs, "L2-hnca_baseline-s0", 0.0, epochs=60)
+    (tmp_path / "results.md").write_text(f"# Page\n\nprose\n\n{report.BEGIN}\nold tables\n{report.END}\n\nafter\n")
+    assert report.write_report(runs, docs=tmp_path) == 0
+    page = (tmp_path / "results.md").read_text()
+    assert page.startswith("# Page\n\nprose\n\n") and page.endswith(f"{report.END}\n\nafter\n")
+    assert "old tables" not in page and "| 1 | hnca | True | 100 | 0.9000 | 0.9010 | -5.00 | CPU, 10 min |" in page
+    for figure in ("bandit-100.png", "vae-100.png", "vae-seeds.png", "vae-ablations.png"):
+        assert f"]({figure})" in page and (tmp_path / figure).stat().st_size > 0
