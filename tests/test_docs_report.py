@@ -104,3 +104,12 @@ def test_report_fills_the_page_between_its_markers_and_links_its_figures(tmp_pat
     assert "old tables" not in page and "| 1 | hnca | True | 100 | 0.9000 | 0.9010 | -5.00 | CPU, 10 min |" in page
     for figure in ("bandit-100.png", "vae-100.png", "vae-seeds.png", "vae-ablations.png"):
         assert f"]({figure})" in page and (tmp_path / figure).stat().st_size > 0
+
+
+def test_a_short_ablation_is_compared_at_its_epoch(tmp_path):
+    _vae(tmp_path, "L2-hnca_baseline-s0", 0.0, epochs=100)
+    _vae(tmp_path, "L2-hnca_baseline-rho_direct-s0", -3.0, epochs=60)
+    rows = report.ablation_table(tmp_path).splitlines()
+    assert rows[3] == "| rho on the direct components too (--rho-direct) | 60 | -143.00 | -143.00 | -1.00 |"
+    assert rows[4] == "| as in the paper, at the same epoch as the row above | 60 | -140.00 | -140.00 | -1.00 |"
+    assert rows[5] == "| upstream components too (--upstream) | not run | | | |"
