@@ -199,7 +199,7 @@ def seeds_figure(runs: Path, output: Path) -> Path | None:
             series = [[fn(m[e][key]) for e in range(epochs)] for m in ms]
             xs = list(range(1, epochs + 1))
             mean = [statistics.mean(col) for col in zip(*series)]
-            ax.plot(xs, mean, color=color, label=f"{estimator} ({len(ms)} seeds)")
+            ax.plot(xs, mean, color=color, label=f"{estimator} ({len(ms)} seed{'s' * (len(ms) > 1)})")
             ax.fill_between(xs, [min(c) for c in zip(*series)], [max(c) for c in zip(*series)], color=color,
                             alpha=0.2)
     if not drawn:
