@@ -281,3 +281,14 @@ def test_divergence_stops_keeping_the_last_checkpoint_or_skips(tmp_path, monkeyp
     state = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)
     assert state["epoch"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert json.loads((tmp_path / "run" / CONFIG).read_text())["on_nonfinite"] == "skip"
+
+
+@pytest.mark.parametrize("command", ["vae", "bandit"])
+def test_resume_of_a_finished_run_says_so_and_trains_nothing(tmp_path, capsys, command):
+    base = [*(VAE if command == "vae" else BANDIT), "--out", str(tmp_path / "run")]
+    assert main([*base, "--epochs", "2"]) == 0
+    files = {n: (tmp_path / "run" / n).read_bytes() for n in (CHECKPOINT, METRICS)}
+    capsys.readouterr()
+    assert main([*base, "--epochs", "1", "--resume"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'run'}: already trained for 2 epochs (--epochs 1)\n"
+    assert {n: (tmp_path / "run" / n).read_bytes() for n in files} == files

@@ -259,14 +259,9 @@ def _run(args, world: World) -> int:
                   on_nonfinite=args.on_nonfinite, world_size=world.size)
 
     with SharedRun.start(world, args.out, "bandit", config, RUN_KEYS, args.resume, _DEFAULTS) as run_dir:
-        if run_dir.epoch >= args.epochs:
-            if world.main:
-                print(f"{args.out}: already trained for {run_dir.epoch} epochs (--epochs {args.epochs})")
+        if common.already_trained(run_dir, args.epochs, args.out, world):
             return 0
-        with world.agreement():
-            train_x, train_y, classes = common.load_split(args.dataset, "train", args.data_dir, args.limit_train)
-            test_x, test_y, _ = common.load_split(args.dataset, "test", args.data_dir, args.limit_test)
-            world.check_examples(train_x.shape[0])
+        train_x, train_y, test_x, test_y, classes = common.load_splits(args, world)
         with world.agreement():
             model, optimizer, baseline, data_rng = _start(args, run_dir, classes, device, world)
         run_dir.write_config(config)

@@ -216,6 +216,25 @@ def load_split(dataset: str, split: str, root, limit: int | None) -> tuple[torch
     return x[:limit], y[:limit], classes
 
 
+def load_splits(args, world):
+    """``args.dataset``'s training and test splits (``--limit-train``, ``--limit-test``):
+    x_train, y_train, x_test, y_test, classes. Under torchrun every rank loads them or all stop."""
+    with world.agreement():
+        x_train, y_train, classes = load_split(args.dataset, "train", args.data_dir, args.limit_train)
+        x_test, y_test, _ = load_split(args.dataset, "test", args.data_dir, args.limit_test)
+        world.check_examples(x_train.shape[0])
+    return x_train, y_train, x_test, y_test, classes
+
+
+def already_trained(run, epochs: int, out, world) -> bool:
+    """Whether the run in ``out`` holds ``epochs`` epochs already (rank 0 says so)."""
+    if run.epoch < epochs:
+        return False
+    if world.main:
+        print(f"{out}: already trained for {run.epoch} epochs (--epochs {epochs})")
+    return True
+
+
 # ----------------------------------------------------------------------------- GPU steps
 
 def device_loop(args, device: torch.device) -> bool:

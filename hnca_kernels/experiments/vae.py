@@ -129,14 +129,9 @@ def _run(args: argparse.Namespace, world: World) -> int:
               "epochs": args.epochs, "test_every": args.test_every, "on_nonfinite": args.on_nonfinite,
               "world_size": world.size, "device": str(device)}
     with SharedRun.start(world, out, "vae", config, _RUN_KEYS, args.resume, _DEFAULTS) as run:
-        if run.epoch >= args.epochs:
-            if world.main:
-                print(f"{out}: already trained for {run.epoch} epochs (--epochs {args.epochs})")
+        if common.already_trained(run, args.epochs, out, world):
             return 0
-        with world.agreement():
-            x_train, _, _ = common.load_split(args.dataset, "train", args.data_dir, args.limit_train)
-            x_test, _, _ = common.load_split(args.dataset, "test", args.data_dir, args.limit_test)
-            world.check_examples(x_train.shape[0])
+        x_train, _, x_test, _, _ = common.load_splits(args, world)
         x_train, x_test = x_train.to(device), x_test.to(device)
         world.seed(args.seed)
         data_rng = torch.Generator(device=device).manual_seed(args.seed)  # shuffling and binarization
