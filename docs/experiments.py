@@ -140,6 +140,10 @@ def main(argv=None) -> int:
     parser.add_argument("--to", type=Path, default=DOCS / "metrics", help="collect: where the copies go")
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at once (one CPU thread each)")
     args = parser.parse_args(argv)
+    if args.action != "run" and not any(epochs_done(args.runs / c.name) for c in cells()):
+        # a mistyped --runs would otherwise redraw the page with every cell "not run"
+        print(f"experiments.py {args.action}: no cell's metrics under {args.runs}", file=sys.stderr)
+        return 2
     if args.action == "run":
         return cmd_run(args)
     if args.action == "status":

@@ -5,6 +5,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 sys.path.insert(0, str(DOCS))
 import experiments  # noqa: E402
@@ -113,3 +115,12 @@ def test_a_short_ablation_is_compared_at_its_epoch(tmp_path):
     assert rows[3] == "| rho on the direct components too (--rho-direct) | 60 | -143.00 | -143.00 | -1.00 |"
     assert rows[4] == "| as in the paper, at the same epoch as the row above | 60 | -140.00 | -140.00 | -1.00 |"
     assert rows[5] == "| upstream components too (--upstream) | not run | | | |"
+
+
+@pytest.mark.parametrize("action", ["status", "report", "collect"])
+def test_a_runs_directory_without_cells_is_one_line_and_touches_nothing(tmp_path, capsys, action):
+    page = DOCS / "results.md"
+    before = page.read_bytes()
+    assert experiments.main([action, "--runs", str(tmp_path / "typo"), "--to", str(tmp_path / "copy")]) == 2
+    assert capsys.readouterr().err == f"experiments.py {action}: no cell's metrics under {tmp_path / 'typo'}\n"
+    assert page.read_bytes() == before and not (tmp_path / "copy").exists()
