@@ -70,6 +70,21 @@ def test_claims_say_which_hold_and_which_cells_are_missing(tmp_path):
     assert lines[7] == "- VAE, 2 layers: not every cell has reached 100 epochs yet."
 
 
+
+def test_the_two_layer_claim_over_seeds_needs_every_seed_to_hold(tmp_path):
+    for seed, (mine, loo, disarm) in enumerate(((5.0, 0.0, 1.0), (6.0, 2.0, 5.5), (7.0, 1.0, 2.0))):
+        _vae(tmp_path, f"L2-hnca_baseline-s{seed}", mine, epochs=100)
+        _vae(tmp_path, f"L2-reinforce_loo-s{seed}", loo, epochs=100)
+        _vae(tmp_path, f"L2-disarm-s{seed}", disarm, epochs=100 if seed < 2 else 60)  # seed 2 cut: left out
+    elbo, bound = report.seed_claims(tmp_path)
+    # means 6.0 against 1.0 and 3.25; hnca's worst seed (5.0) below DisARM's best (5.5)
+    assert elbo == ("- VAE, 2 layers over seeds, train ELBO (mean, range: hnca_baseline -94.00 (3 seeds, -95.00 to -93.00), "
+                    "reinforce_loo -99.00 (3 seeds, -100.00 to -98.00), disarm -96.75 (2 seeds, -99.00 to -94.50)): "
+                    "hnca_baseline best in the mean: holds; its worst seed above every seed of the others: **does not hold**.")
+    assert bound.startswith("- VAE, 2 layers over seeds, test bound (mean, range: hnca_baseline -84.00 (3 seeds")
+    (tmp_path / "vae" / "L2-disarm-s1" / "metrics.jsonl").unlink()  # one finished DisARM seed: no claim over seeds
+    assert report.seed_claims(tmp_path) == []
+
 def test_experiments_skip_finished_cells_and_resume_cut_ones(tmp_path):
     names = [c.name for c in experiments.select(["vae/L2-hnca_baseline-s*"])]
     assert names == ["vae/L2-hnca_baseline-s0", "vae/L2-hnca_baseline-s1", "vae/L2-hnca_baseline-s2"]
