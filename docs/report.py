@@ -109,7 +109,7 @@ def vae_table(runs: Path) -> str:
             return f"{_fmt(statistics.mean(values), digits)} ({_fmt(min(values), digits)} to {_fmt(max(values), digits)})"
 
         epochs = "/".join(_epochs(m) for m in ms)
-        where = ", ".join(sorted({f"{_device(d)}" for d in dirs})) + ", " + "/".join(_hours(m) for m in ms)
+        where = " / ".join(f"{_device(d)}, {_hours(m)}" for d, m in zip(dirs, ms))
         rows.append(f"| {layers} | {estimator} | {len(dirs)} | {epochs} | {spread('train_elbo')} | "
                     f"{spread('test_bound')} | {spread('log_grad_variance')} | {where} |")
     return "\n".join(rows)
