@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hnca_kernels.experiments.common import positive_int
+
 DOCS = Path(__file__).resolve().parent
 BANDIT_EPOCHS = 100
 VAE_EPOCHS = 100
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/paper"), help="directory of the run directories")
     parser.add_argument("--only", nargs="*", help="cell name patterns (fnmatch), e.g. 'vae/L2-*'")
     parser.add_argument("--to", type=Path, default=DOCS / "metrics", help="collect: where the copies go")
-    parser.add_argument("--jobs", type=int, default=1, help="cells trained at once (one CPU thread each)")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="cells trained at once (one CPU thread each)")
     args = parser.parse_args(argv)
     if args.action != "run" and not any(epochs_done(args.runs / c.name) for c in cells()):
         # a mistyped --runs would otherwise redraw the page with every cell "not run"

@@ -139,3 +139,10 @@ def test_a_runs_directory_without_cells_is_one_line_and_touches_nothing(tmp_path
     assert experiments.main([action, "--runs", str(tmp_path / "typo"), "--to", str(tmp_path / "copy")]) == 2
     assert capsys.readouterr().err == f"experiments.py {action}: no cell's metrics under {tmp_path / 'typo'}\n"
     assert page.read_bytes() == before and not (tmp_path / "copy").exists()
+
+
+def test_a_bad_jobs_count_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        experiments.main(["run", "--runs", str(tmp_path), "--jobs", "0"])
+    assert stop.value.code == 2
+    assert "--jobs: must be a positive integer, got 0" in capsys.readouterr().err
