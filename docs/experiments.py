@@ -7,7 +7,10 @@
 
 Every cell is one ``hnca`` command with one CPU thread; ``run`` starts it fresh, continues it with
 ``--resume`` when its directory holds a checkpoint, and skips it when its metrics already reach the
-cell's epochs. ``report`` writes the tables of docs/results.md (between its markers) and the figures.
+cell's epochs. Some cells depend on others: the comparison with the straight-through estimators
+runs each estimator at the learning rate its sweep found best (the highest train ELBO at epoch 20),
+and more seeds of f-HNCA and of the better straight-through estimator; ``run`` adds them as soon as
+the cells they depend on have reached the epochs they are read at. ``report`` writes the tables of docs/results.md (between its markers) and the figures.
 ``collect`` copies every cell's config.json and metrics.jsonl (not its checkpoint) to docs/metrics,
 the copy in the repository that ``report --runs docs/metrics`` redraws the page from.
 """
@@ -22,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +34,13 @@ from hnca_kernels.experiments.common import positive_int
 DOCS = Path(__file__).resolve().parent
 BANDIT_EPOCHS = 100
 VAE_EPOCHS = 100
+# The comparison with straight-through estimators (2 layers): a learning-rate sweep, each
+# estimator at its best rate for VAE_EPOCHS, and more seeds of the two that matter most.
+COMPARED = ("hnca_baseline", "disarm", "gumbel_st", "reinmax")
+STRAIGHT_THROUGH = ("gumbel_st", "reinmax")
+PAPER_RATE = "1e-4"
+SWEEP_RATES = ("1e-4", "3e-4", "1e-3")
+SWEEP_EPOCHS = 20
 
 
 @dataclass(frozen=True)
@@ -51,8 +61,66 @@ class Cell:
         return argv
 
 
-def cells() -> list[Cell]:
-    """Every cell, in the order they are run (the most informative first)."""
+def _vae(layers, estimator, seed=0, extra=(), tag="", epochs=VAE_EPOCHS, rate=PAPER_RATE) -> Cell:
+    if rate != PAPER_RATE:
+        tag, extra = f"{tag}-lr{rate}", (*extra, "--lr", rate)
+    name = f"vae/L{layers}-{estimator}{tag}-s{seed}"
+    return Cell(name, "vae", epochs, ("--layers", str(layers), "--estimator", estimator, "--seed", str(seed),
+                                      "--test-every", "50", *extra))
+
+
+def _metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _at(run: Path, epoch: int, key: str):
+    """``key`` of the run at ``epoch`` (the test bound: the last one up to it), or None."""
+    values = [m.get(key) for m in _metrics(run) if m["epoch"] <= epoch and m.get(key) is not None]
+    reached = any(m["epoch"] >= epoch for m in _metrics(run))
+    return values[-1] if values and reached else None
+
+
+def best_rates(runs: Path) -> dict:
+    """{estimator: its sweep's best learning rate} for the estimators whose sweep is complete: the
+    highest train ELBO at epoch SWEEP_EPOCHS (train, not test: the test set chooses nothing)."""
+    best = {}
+    for estimator in COMPARED:
+        elbos = {rate: _at(runs / _vae(2, estimator, rate=rate).name, SWEEP_EPOCHS, "train_elbo") for rate in SWEEP_RATES}
+        if all(v is not None for v in elbos.values()):
+            best[estimator] = max(SWEEP_RATES, key=lambda rate: elbos[rate])
+    return best
+
+
+def better_straight_through(runs: Path, best: dict) -> str | None:
+    """The straight-through estimator with the higher test bound at VAE_EPOCHS, each at its best rate."""
+    bounds = {e: _at(runs / _vae(2, e, rate=best[e]).name, VAE_EPOCHS, "test_bound")
+              for e in STRAIGHT_THROUGH if e in best}
+    if len(bounds) < len(STRAIGHT_THROUGH) or None in bounds.values():
+        return None
+    return max(STRAIGHT_THROUGH, key=lambda e: bounds[e])
+
+
+def comparison_cells(runs: Path | None) -> list[Cell]:
+    """The straight-through comparison's cells that can be named now (see the module's docs)."""
+    out = [_vae(2, e) for e in STRAIGHT_THROUGH]  # the paper's rate, full length (also the sweep's 1e-4)
+    out += [_vae(2, e, epochs=SWEEP_EPOCHS, rate=r) for r in SWEEP_RATES[1:] for e in COMPARED]
+    if runs is None:
+        return out
+    best = best_rates(runs)
+    out += [_vae(2, e, rate=best[e]) for e in COMPARED if e in best]  # a sweep cell, extended
+    st = better_straight_through(runs, best)
+    if "hnca_baseline" in best and st is not None:
+        out += [_vae(2, e, seed, rate=best[e]) for seed in (1, 2) for e in ("hnca_baseline", st)]
+    return out
+
+
+def cells(runs: Path | None = None) -> list[Cell]:
+    """Every cell, in the order they are run (the most informative first); the cells that depend on
+    others' results are named once those are in ``runs``. A cell named twice (a sweep cell and its
+    extension) is listed once, at its longest."""
     out = []
     for layers in (1, 2, 3):  # Figure 1: contextual bandit
         for estimator in ("hnca", "reinforce"):
@@ -60,11 +128,7 @@ def cells() -> list[Cell]:
                 out.append(Cell(f"bandit/{estimator}-{baseline}-L{layers}", "bandit", BANDIT_EPOCHS,
                                 ("--layers", str(layers), "--estimator", estimator, f"--{baseline}", "--seed", "0")))
 
-    def vae(layers, estimator, seed=0, extra=(), tag=""):
-        name = f"vae/L{layers}-{estimator}{tag}-s{seed}"
-        return Cell(name, "vae", VAE_EPOCHS, ("--layers", str(layers), "--estimator", estimator, "--seed", str(seed),
-                                              "--test-every", "50", *extra))
-
+    vae = _vae
     main = {1: "hnca", 2: "hnca_baseline", 3: "hnca_baseline"}
     for layers in (2, 1, 3):  # Figure 3: discrete VAE, seed 0
         for estimator in (main[layers], "reinforce_loo", "disarm"):
@@ -75,19 +139,20 @@ def cells() -> list[Cell]:
         for estimator in ("hnca_baseline", "reinforce_loo", "disarm"):
             out.append(vae(2, estimator, seed))
     out.append(vae(2, "hnca_baseline", extra=("--rho-direct",), tag="-rho_direct"))  # Appendix K
-    return out
+    out += comparison_cells(runs)
+    longest: dict = {}
+    for cell in out:
+        if cell.name not in longest or cell.epochs > longest[cell.name].epochs:
+            longest[cell.name] = cell
+    return list({c.name: longest[c.name] for c in out}.values())
 
 
 def epochs_done(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    epochs = [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()]
-    return max(epochs, default=0)
+    return max((m["epoch"] for m in _metrics(run_dir)), default=0)
 
 
-def select(patterns: list[str] | None) -> list[Cell]:
-    chosen = cells()
+def select(patterns: list[str] | None, runs: Path | None = None) -> list[Cell]:
+    chosen = cells(runs)
     if patterns:
         chosen = [c for c in chosen if any(fnmatch.fnmatch(c.name, p) for p in patterns)]
     return chosen
@@ -104,26 +169,42 @@ def run_cell(cell: Cell, runs: Path) -> tuple[Cell, int, float]:
 
 
 def cmd_run(args) -> int:
-    todo = [c for c in select(args.only) if epochs_done(args.runs / c.name) < c.epochs]
-    print(f"{len(todo)} cell(s) to train", flush=True)
-    failed = 0
+    """Train the selected cells ``--jobs`` at a time, naming the dependent ones as they become known."""
+    started, failed = set(), 0
+    running: dict = {}
+
+    def todo():  # a cell extended since it ran (a sweep cell at its best rate) is a new (name, epochs)
+        return [c for c in select(args.only, args.runs)
+                if (c.name, c.epochs) not in started and epochs_done(args.runs / c.name) < c.epochs
+                and not any(c.name == r.name for r in running.values())]
+
+    print(f"{len(todo())} cell(s) to train now", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        for cell, code, seconds in pool.map(lambda c: run_cell(c, args.runs), todo):
-            status = "done" if code == 0 else f"FAILED (exit {code}, see {args.runs / cell.name / 'train.log'})"
-            print(f"{cell.name}: {status} in {seconds / 60:.1f} min", flush=True)
-            failed += code != 0
+        while True:
+            for cell in todo()[: args.jobs - len(running)]:
+                started.add((cell.name, cell.epochs))
+                running[pool.submit(run_cell, cell, args.runs)] = cell
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                del running[future]
+                cell, code, seconds = future.result()
+                status = "done" if code == 0 else f"FAILED (exit {code}, see {args.runs / cell.name / 'train.log'})"
+                print(f"{cell.name}: {status} in {seconds / 60:.1f} min", flush=True)
+                failed += code != 0
     return 1 if failed else 0
 
 
 def cmd_status(args) -> int:
-    for cell in select(args.only):
+    for cell in select(args.only, args.runs):
         print(f"{cell.name:40s} {epochs_done(args.runs / cell.name):4d} / {cell.epochs}")
     return 0
 
 
 def cmd_collect(args) -> int:
     copied = 0
-    for cell in cells():
+    for cell in cells(args.runs):
         for name in ("config.json", "metrics.jsonl"):
             source = args.runs / cell.name / name
             if source.exists():
@@ -142,7 +223,7 @@ def main(argv=None) -> int:
     parser.add_argument("--to", type=Path, default=DOCS / "metrics", help="collect: where the copies go")
     parser.add_argument("--jobs", type=positive_int, default=1, help="cells trained at once (one CPU thread each)")
     args = parser.parse_args(argv)
-    if args.action != "run" and not any(epochs_done(args.runs / c.name) for c in cells()):
+    if args.action != "run" and not any(epochs_done(args.runs / c.name) for c in cells(args.runs)):
         # a mistyped --runs would otherwise redraw the page with every cell "not run"
         print(f"experiments.py {args.action}: no cell's metrics under {args.runs}", file=sys.stderr)
         return 2

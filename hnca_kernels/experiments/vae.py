@@ -26,6 +26,7 @@ import torch.nn as nn
 from ..backends import BACKENDS, unavailable_reason
 from ..data import binarize
 from ..models.vae import ESTIMATORS, BernoulliVAE
+from ..relaxed import reinmax_available
 from . import common
 from .common import NonFinite, positive_float, positive_int
 from .rundir import CHECKPOINT, CONFIG, CommandError, UsageError, experiment_of, load_checkpoint, one_line, read_json
@@ -36,7 +37,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("vae", help="train a discrete hierarchical VAE on MNIST (f-HNCA and baselines)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, choices=(1, 2, 3), default=1, help="stochastic layers in encoder and decoder")
-    p.add_argument("--estimator", choices=ESTIMATORS, default="hnca")
+    p.add_argument("--estimator", choices=ESTIMATORS, default="hnca",
+                   help="f-HNCA (hnca, hnca_baseline), the unbiased comparisons (reinforce, reinforce_baseline, "
+                        "reinforce_loo, disarm), or a BIASED straight-through estimator (gumbel_st: straight-through "
+                        "Gumbel-softmax; reinmax: ReinMax, needs pip install \"hnca-kernels[compare]\")")
+    p.add_argument("--tau", type=positive_float, default=1.0,
+                   help="temperature of the straight-through estimators (gumbel_st, reinmax)")
     p.add_argument("--hidden", type=positive_int, default=200)
     p.add_argument("--epochs", type=positive_int, default=840)
     p.add_argument("--batch-size", type=positive_int, default=50)
@@ -66,18 +72,18 @@ def register(subparsers) -> None:
 
 # Settings a resumed run must share with the run it continues; the others (epochs, device,
 # backend, data directory, test_every, on_nonfinite) may change between sessions.
-_RUN_KEYS = ("dataset", "layers", "hidden", "rho_direct", "direct_in_baseline", "upstream", "estimator",
+_RUN_KEYS = ("dataset", "layers", "hidden", "rho_direct", "direct_in_baseline", "upstream", "estimator", "tau",
              "batch_size", "lr", "seed", "limit_train", "limit_test", "test_samples")
-# what a config.json from before an option means: mnist, and rho-direct runs whose baseline
-# tracked the mediated components only
-_DEFAULTS = {"dataset": "mnist", "direct_in_baseline": False}
+# what a config.json from before an option means: mnist, rho-direct runs whose baseline tracked
+# the mediated components only, and the straight-through temperature 1
+_DEFAULTS = {"dataset": "mnist", "direct_in_baseline": False, "tau": 1.0}
 _TEST_STREAM = 1  # derived_seed(seed, epoch, _TEST_STREAM) seeds the test bound's samples
 
 
 def _build(config: dict, device) -> BernoulliVAE:
     return BernoulliVAE(config["layers"], hidden=config["hidden"], rho_direct=config["rho_direct"],
                         direct_in_baseline=config.get("direct_in_baseline"), upstream=config["upstream"],
-                        backend=config.get("backend"), device=device)
+                        tau=config.get("tau", 1.0), backend=config.get("backend"), device=device)
 
 
 def _restore(what: str, load) -> None:
@@ -118,12 +124,14 @@ def _run(args: argparse.Namespace, world: World) -> int:
     if args.backend is not None and (reason := unavailable_reason(args.backend, device)) is not None:
         raise UsageError(f"--backend {args.backend} cannot run on {device}: {reason}")
     world.check_options(args)
+    if args.estimator == "reinmax" and not reinmax_available():
+        raise UsageError('--estimator reinmax needs the reinmax package: pip install "hnca-kernels[compare]"')
     data = "" if args.dataset == "mnist" else f"{args.dataset}-"
     out = args.out or Path("runs") / f"vae-{data}L{args.layers}-{args.estimator}-s{args.seed}"
     config = {"experiment": "vae", "dataset": args.dataset, "layers": args.layers, "hidden": args.hidden,
               "estimator": args.estimator, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
               "limit_train": args.limit_train, "limit_test": args.limit_test, "test_samples": args.test_samples,
-              "rho_direct": args.rho_direct, "upstream": args.upstream, "backend": args.backend,
+              "rho_direct": args.rho_direct, "upstream": args.upstream, "backend": args.backend, "tau": args.tau,
               "direct_in_baseline": (args.direct_in_baseline if args.direct_in_baseline is not None
                                      else args.rho_direct),
               "epochs": args.epochs, "test_every": args.test_every, "on_nonfinite": args.on_nonfinite,

@@ -36,8 +36,10 @@ from ..baseline import MovingAverageBaseline, update_baselines
 from ..functional import bernoulli_entropy, counterfactual_entropy_delta, counterfactual_log_ratio, hnca_logit_credit
 from ..layers import BernoulliLinear
 from ..metrics import linear_gradient_square_sum, linear_gradient_variance
+from ..relaxed import BIASED_ESTIMATORS, straight_through_bernoulli
 
-ESTIMATORS = ("hnca", "hnca_baseline", "reinforce", "reinforce_baseline", "reinforce_loo", "disarm")
+UNBIASED_ESTIMATORS = ("hnca", "hnca_baseline", "reinforce", "reinforce_baseline", "reinforce_loo", "disarm")
+ESTIMATORS = UNBIASED_ESTIMATORS + BIASED_ESTIMATORS
 _BRANCHED = ("reinforce_loo", "disarm")  # these draw a pair of partial forward passes per layer
 
 
@@ -84,11 +86,17 @@ class BernoulliVAE(nn.Module):
         upstream: add the upstream components to the rho-weighted (mediated) sum, and for
             REINFORCE to the layer's sum (then the full f_E); still unbiased. LOO and DisARM are
             unaffected (upstream components cancel between the two samples).
+
+    ``"gumbel_st"`` and ``"reinmax"`` are the biased straight-through estimators
+    (``hnca_kernels.relaxed``), at temperature ``tau``: the latents are exact draws, and the
+    encoder's gradient flows through their relaxation into the decoder, the prior and the
+    entropies of deeper layers.
     """
 
     def __init__(self, num_layers: int, hidden: int | Sequence[int] = 200, data_dim: int = 784, *,
                  rho_direct: bool = False, direct_in_baseline: bool | None = None, upstream: bool = False,
-                 baseline_decay: float = 0.99, backend: str | None = None, device=None, dtype=None):
+                 baseline_decay: float = 0.99, tau: float = 1.0, backend: str | None = None, device=None,
+                 dtype=None):
         super().__init__()
         widths = [hidden] * num_layers if isinstance(hidden, int) and not isinstance(num_layers, bool) else hidden
         for name, value in (("num_layers", num_layers), ("data_dim", data_dim)):
@@ -101,6 +109,9 @@ class BernoulliVAE(nn.Module):
         self.num_layers, self.widths, self.data_dim = num_layers, list(widths), data_dim
         self.hidden = hidden if isinstance(hidden, int) else list(hidden)
         self.rho_direct, self.upstream, self.backend = bool(rho_direct), bool(upstream), backend
+        if not (isinstance(tau, (int, float)) and 0 < tau < math.inf):
+            raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+        self.tau = float(tau)
         self.direct_in_baseline = self.rho_direct if direct_in_baseline is None else bool(direct_in_baseline)
         sizes = [data_dim, *self.widths]
         self.encoder = nn.ModuleList(BernoulliLinear(sizes[k], sizes[k + 1], **factory) for k in range(num_layers))
@@ -170,16 +181,27 @@ class BernoulliVAE(nn.Module):
             latents.append(h)
         return latents
 
-    def _evaluate(self, x: torch.Tensor, latents: Sequence[torch.Tensor]) -> _Pass:
+    def _evaluate(self, x: torch.Tensor, latents: Sequence[torch.Tensor], enc_logits=None) -> _Pass:
         self._check_layers()
         h = [x, *latents]
         L = self.num_layers
-        enc_logits = [self.encoder[k].logits(h[k]) for k in range(L)]
+        if enc_logits is None:
+            enc_logits = [self.encoder[k].logits(h[k]) for k in range(L)]
         dec_logits = [self.decoder[k].logits(h[k + 1]) for k in range(L)]
         logp = [_log_prob_units(dec_logits[k], h[k]) for k in range(L)]
         logp.append(_log_prob_units(self.prior_logits.expand_as(h[L]), h[L]))
         ent = [bernoulli_entropy(l).sum(-1) for l in enc_logits]
         return _Pass(h, enc_logits, dec_logits, logp, ent)
+
+    def _relaxed_pass(self, x: torch.Tensor, estimator: str) -> _Pass:
+        """The main pass with straight-through latents (exact draws, relaxed gradients)."""
+        self._check_layers()
+        h, latents, enc_logits = x, [], []
+        for layer in self.encoder:
+            enc_logits.append(layer.logits(h))
+            h = straight_through_bernoulli(enc_logits[-1], estimator, self.tau)
+            latents.append(h)
+        return self._evaluate(x, latents, enc_logits)
 
     def _downstream(self, k: int, h_k: torch.Tensor, first: torch.Tensor, deeper=None):
         """D_k on a partial forward pass: encoder layer k set to ``first`` given h_k, deeper layers
@@ -310,6 +332,15 @@ class BernoulliVAE(nn.Module):
             raise ValueError("forward= must be what forward_pass(x) returned for this x, without latents=")
         self._check_x(x)
         batch = x.shape[0]
+        if estimator in BIASED_ESTIMATORS:
+            if latents is not None or branches is not None or forward is not None:
+                raise ValueError(f"{estimator!r} draws its own relaxed latents: latents=, branches= and forward= "
+                                 "do not apply")
+            p = self._relaxed_pass(x, estimator)
+            f_e = p.f_e()  # the encoder's gradient flows through the straight-through latents
+            grads = _LogitGrads(p.enc_logits)
+            return f_e, f_e, ([h.detach() for h in p.h[: self.num_layers]], [l.detach() for l in p.enc_logits],
+                              grads)
         if branches is not None:
             if estimator not in _BRANCHED:
                 raise ValueError(f"branches only apply to {_BRANCHED}, not {estimator!r}")
@@ -337,6 +368,8 @@ class BernoulliVAE(nn.Module):
         ``forward``: the pass ``forward_pass(x)`` returned (then only the estimator runs here)."""
         surrogate, f_e, parts = self._surrogate(x, estimator, **replay)
         loss = (surrogate.detach() - surrogate).mean() - f_e.detach().mean()
+        if isinstance(parts[2], _LogitGrads):
+            loss = parts[2].watch(loss)
         return ELBOEstimate(loss, f_e.detach(), *parts)
 
     def elbo_loss(self, x: torch.Tensor, estimator: str = "hnca", **replay) -> torch.Tensor:
@@ -394,6 +427,50 @@ class BernoulliVAE(nn.Module):
         return torch.sigmoid(self.decoder[0].logits(h))
 
 
+class _LogitGrads:
+    """The gradient of a step's loss in each encoder layer's logits, caught as backward writes it:
+    a straight-through estimate has no signal of its own, only what autograd computes. ``watch``
+    also catches the factor the loss was scaled by (a DDP rank's loss weight), so the per-example
+    estimate does not depend on how the caller scales the loss."""
+
+    def __init__(self, logits: Sequence[torch.Tensor]):
+        self.grads: list = [None] * len(logits)
+        self.scale = None
+        for k, l in enumerate(logits):
+            if l.requires_grad:
+                l.register_hook(self._catcher(k))
+
+    def _catcher(self, k):
+        def catch(grad):
+            self.grads[k] = grad
+
+        return catch
+
+    def watch(self, loss: torch.Tensor) -> torch.Tensor:
+        return _CatchScale.apply(loss, self)
+
+    def per_example(self):
+        """Each layer's per-example estimate of d f_b / d logits [B, out] (after backward)."""
+        if self.scale is None or any(g is None for g in self.grads):
+            raise RuntimeError("a straight-through estimate's gradient statistics need loss.backward() first")
+        # the loss is -mean f (times scale): its logit gradient is -scale/B times each example's
+        return [g * (-g.shape[0] / self.scale) for g in self.grads]
+
+
+class _CatchScale(torch.autograd.Function):
+    """The identity on the loss, whose backward keeps the gradient it receives."""
+
+    @staticmethod
+    def forward(ctx, loss, holder):
+        ctx.holder = holder
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.holder.scale = grad
+        return grad, None
+
+
 class ELBOEstimate:
     """What ``BernoulliVAE.estimate`` returns: the step's loss, its ELBO samples, and what the
     gradient-variance metric needs (held here, not on the model)."""
@@ -414,6 +491,9 @@ class ELBOEstimate:
 
     def _logit_grads(self):
         """(inputs, per-example estimate in the logits) of each encoder layer."""
+        if isinstance(self._signals, _LogitGrads):
+            yield from zip(self._inputs, self._signals.per_example())
+            return
         for inputs, logits, signal in zip(self._inputs, self._logits, self._signals):
             # dH/dl = -l p (1 - p): the direct entropy gradient per example, in the logit
             yield inputs, signal - logits * torch.sigmoid(logits) * torch.sigmoid(-logits)
