@@ -77,9 +77,7 @@ void for_each_tile(int64_t batch, int64_t in, int64_t block, int64_t rows_per_ti
 }
 
 // The messages are defined for binary parents: every x must be lo or hi. Checked here, in one
-// pass over x, rather than in Python (the ops read x anyway). A bad value raises c10::Error
-// (RuntimeError, its text fixed: see hnca_common.h), which hnca_kernels/ops/cpp.py turns into a
-// ValueError naming the values.
+// pass over x, rather than in Python (the ops read x anyway); a bad value raises ValueError.
 // NOTE: the Python check ((x == lo) | (x == hi)).all() took ~0.14 ms per call at B=50, in=200,
 // a quarter of the message itself (1 thread).
 template <typename T>
@@ -88,7 +86,8 @@ void check_parent_values(const at::Tensor& x, double lo, double hi) {
   const T l = T(lo), h = T(hi);
   int64_t others = 0;  // a count, not a bool with early exit, so that the loop vectorises
   for (int64_t i = 0, n = x.numel(); i < n; ++i) others += (p[i] != l) & (p[i] != h);
-  TORCH_CHECK(others == 0, "x must hold only the parent values (a layer of stochastic units)");
+  TORCH_CHECK_VALUE(others == 0, "hnca: x must hold only the parent values lo and hi (a layer of stochastic units); "
+                    "counterfactual messages are defined for binary parents");
 }
 
 // A message op's inputs in its compute type (float32, or float64), contiguous, and its output
@@ -100,8 +99,8 @@ struct MessageInputs {
 
 MessageInputs prepare_message(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
                               double lo, double hi) {
-  check_inputs(x_in, weight_in, logits_in);
-  TORCH_CHECK(x_in.device().is_cpu(), "hnca CPU kernel got a tensor that is not on the CPU");
+  check_inputs(x_in, weight_in, logits_in, lo, hi);
+  TORCH_CHECK_VALUE(x_in.device().is_cpu(), "hnca: the CPU kernel got tensors that are not on the CPU");
   const auto dtype = compute_type(logits_in);
   const auto x = x_in.to(dtype).contiguous();
   MessageInputs m{x, weight_in.to(dtype).contiguous(), logits_in.to(dtype).contiguous(), new_output(x, dtype),
@@ -361,6 +360,7 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
 at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
                                const at::Tensor& y, double lo, double hi) {
   const MessageInputs m = prepare_message(x_in, weight_in, logits_in, lo, hi);
+  check_children(y, logits_in);
   const at::Tensor &x = m.x, &weight = m.weight, &logits = m.logits, &d = m.d;
   const int64_t batch = m.batch, in = m.in, out = m.out;
   if (d.numel() == 0) {
@@ -451,8 +451,8 @@ void categorical_rows(const T* x, const T* weight, const T* logits, const int64_
 
 at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
                                  const at::Tensor& a_in, double lo, double hi) {
-  TORCH_CHECK(a_in.dim() == 1 && a_in.size(0) == x_in.size(0), "hnca: a must have shape [B]");
   const MessageInputs m = prepare_message(x_in, weight_in, logits_in, lo, hi);
+  check_classes(a_in, x_in);
   const at::Tensor &x = m.x, &weight = m.weight, &logits = m.logits, &d = m.d;
   const int64_t batch = m.batch, in = m.in, classes = m.out;
   const auto a = a_in.to(at::kLong).contiguous();
@@ -460,7 +460,7 @@ at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weigh
   const int64_t* ap = a.data_ptr<int64_t>();
   bool in_range = true;
   for (int64_t b = 0; b < a.numel(); ++b) in_range &= ap[b] >= 0 && ap[b] < classes;
-  TORCH_CHECK(in_range, "a must hold class indices in [0, classes)");
+  TORCH_CHECK_VALUE(in_range, "hnca: a must hold class indices in [0, classes)");
   if (d.numel() == 0) {
     return d;
   }
@@ -653,9 +653,8 @@ Vectorized<T> logit_credit_vec(const Vectorized<T>& l, const Vectorized<T>& d) {
 }
 
 at::Tensor logit_credit(const at::Tensor& logits_in, const at::Tensor& d_in) {
-  TORCH_CHECK(logits_in.sizes() == d_in.sizes(), "hnca: logits and d must have one shape");
-  TORCH_CHECK(logits_in.device().is_cpu() && d_in.device().is_cpu(),
-              "hnca CPU kernel got a tensor that is not on the CPU");
+  check_credit(logits_in, d_in);
+  TORCH_CHECK_VALUE(logits_in.device().is_cpu(), "hnca: the CPU kernel got tensors that are not on the CPU");
   const auto dtype = compute_type(logits_in);
   const auto logits = logits_in.to(dtype).contiguous();
   const auto d = d_in.to(dtype).contiguous();

@@ -553,9 +553,10 @@ struct Prepared {
   int64_t batch, in, out, ldi, ldb;
 };
 
-Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in) {
-  check_inputs(x_in, weight_in, logits_in);
-  TORCH_CHECK(x_in.is_cuda(), "hnca CUDA kernel got a tensor that is not on a CUDA device");
+Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in, double lo,
+                 double hi) {
+  check_inputs(x_in, weight_in, logits_in, lo, hi);
+  TORCH_CHECK_VALUE(x_in.is_cuda(), "hnca: the CUDA kernel got tensors that are not on a CUDA device");
   const auto dtype = compute_type(logits_in);
   const auto x = x_in.to(dtype).contiguous();
   Prepared p{x, weight_in.to(dtype).contiguous(), logits_in.to(dtype).contiguous(), new_output(x, dtype),
@@ -576,7 +577,8 @@ void assert_parents(const Prepared& p) {
 at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
                                const at::Tensor& y_in, double lo, double hi) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  Prepared p = prepare(x_in, weight_in, logits_in);
+  Prepared p = prepare(x_in, weight_in, logits_in, lo, hi);
+  check_children(y_in, logits_in);
   if (p.d.numel() == 0) return p.d;
   if (p.out == 0) return p.d.zero_();
   const auto y = y_in.to(p.logits.scalar_type()).contiguous();
@@ -606,7 +608,7 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
 at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
                          double lo, double hi) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  Prepared p = prepare(x_in, weight_in, logits_in);
+  Prepared p = prepare(x_in, weight_in, logits_in, lo, hi);
   if (p.d.numel() == 0) return p.d;
   if (p.out == 0) return p.d.zero_();
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -634,10 +636,10 @@ at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, co
 
 at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
                                  const at::Tensor& a_in, double lo, double hi) {
-  TORCH_CHECK(a_in.dim() == 1 && a_in.size(0) == x_in.size(0), "hnca: a must have shape [B]");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  Prepared p = prepare(x_in, weight_in, logits_in);
-  TORCH_CHECK(p.out > 0 || p.batch == 0, "a must hold class indices in [0, classes)");
+  Prepared p = prepare(x_in, weight_in, logits_in, lo, hi);
+  check_classes(a_in, x_in);
+  TORCH_CHECK_VALUE(p.out > 0 || p.batch == 0, "hnca: a must hold class indices in [0, classes)");
   if (p.d.numel() == 0) return p.d;
   const auto a = a_in.to(at::kLong).contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import validation
+
 __all__ = ["MovingAverageBaseline", "update_baselines"]
 
 
@@ -95,7 +97,8 @@ def update_baselines(pairs: Sequence[tuple[MovingAverageBaseline, torch.Tensor]]
             raise TypeError(f"the learning signal must be a tensor, got {type(signal).__name__}")
         group = baseline._sync_group()
         if group is None:
-            means[i] = signal.detach().to(baseline.value).mean()
+            if signal.numel():  # an empty signal says nothing: the baseline keeps its value
+                means[i] = signal.detach().to(baseline.value).mean()
         else:
             pending.setdefault((id(group), signal.device), (group, []))[1].append(i)
     for (_, device), (group, indices) in pending.items():
@@ -105,9 +108,16 @@ def update_baselines(pairs: Sequence[tuple[MovingAverageBaseline, torch.Tensor]]
                              for i in indices])
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
         for i, (total, count) in zip(indices, stats):
-            means[i] = total / count
+            # no example on any rank: the mean of nothing leaves the value (a 0/0 here would be NaN)
+            means[i] = torch.where(count > 0, total / count.clamp_min(1), pairs[i][0].value.to(total))
+    # A non-finite signal has a non-finite mean: checked for all before any baseline changes.
+    for mean in means:
+        if mean is not None:
+            validation.require(mean.device, lambda m=mean: torch.isfinite(m), ValueError(
+                "the learning signal holds non-finite values (nan or inf); the baselines are left unchanged"))
     for (baseline, _), mean in zip(pairs, means):
-        baseline.value.mul_(baseline.decay).add_((1.0 - baseline.decay) * mean.to(baseline.value))
+        if mean is not None:
+            baseline.value.mul_(baseline.decay).add_((1.0 - baseline.decay) * mean.to(baseline.value))
 
 
 class _GroupHandle:

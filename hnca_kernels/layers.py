@@ -134,6 +134,11 @@ class BernoulliLinear(_StochasticLinear):
         """(lo, hi): the unit's value when silent and when firing."""
         return (-1.0, 1.0) if self.centered else (0.0, 1.0)
 
+    @property
+    def sample_values(self) -> tuple:
+        """Every value an element of a sample can hold."""
+        return self.values
+
     def _draw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits and a sample; one fused kernel when the backend offers it (triton).
 
@@ -228,6 +233,11 @@ class CategoricalLinear(_StochasticLinear):
             return flat
         return flat.unflatten(-1, (self.num_variables, self.num_classes))
 
+    @property
+    def sample_values(self) -> tuple:
+        """Every value an element of a sample can hold (one-hot entries, or class indices)."""
+        return (0.0, 1.0) if self.one_hot else tuple(float(k) for k in range(self.num_classes))
+
     def _grouped(self, t: torch.Tensor) -> torch.Tensor:
         # [B, (V,) K] -> [B, V, K]
         return t.reshape(t.shape[0], self.num_variables, self.num_classes)
@@ -240,11 +250,15 @@ class CategoricalLinear(_StochasticLinear):
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            # inverse CDF: the class is the number of cumulative probabilities below one uniform
-            # NOTE: not torch.multinomial, whose CUDA checks synchronise the host (no graph capture)
+            # Inverse CDF: the class is the number of cumulative probabilities below u, a uniform
+            # in (0, total]: rand's 0 taken as 1, scaled by the last cumulative sum (which rounding
+            # can leave below 1). A class of probability 0 spans an empty interval (c_{k-1}, c_k] and
+            # is never drawn, whatever the uniform. Not torch.multinomial: its CUDA checks
+            # synchronise the host (no graph capture).
             cdf = torch.softmax(logits.float(), dim=-1).cumsum_(-1)
             u = torch.rand_like(cdf[..., :1])
-            idx = (cdf < u).sum(-1).clamp_max_(self.num_classes - 1)
+            u = u.masked_fill_(u == 0, 1.0).mul_(cdf[..., -1:])
+            idx = (cdf < u).sum(-1)
             if not self.one_hot:
                 return idx
             return F.one_hot(idx, self.num_classes).to(self.weight.dtype).flatten(-2 if self.num_variables > 1 else -1)

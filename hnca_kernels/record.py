@@ -18,14 +18,24 @@ weights). Any other tensor is context: deterministic input, trained by backprop 
 
 What it cannot see, and what it does then. HNCA credits a unit through its children only, which
 is unbiased when the unit's sample reaches the reward through its recorded children alone. Inside
-the ``with`` block the record watches the torch operations between layers: a sample read by any
-other operation (``h * 2``, a deterministic module, ``h.sum().item()``, an embedding of a class
-index) has a path the record cannot follow, and its unit falls back to REINFORCE, which is
-unbiased whatever the path (``rec.fallbacks`` says which units and why; ``record(strict=True)``
-raises instead). After the block nothing is watched: the reward may read the samples of units
-without children (the outputs); pass any other sample it reads as ``outputs=[...]`` to
-``surrogate_loss`` (that unit then falls back too). Under ``torch.compile`` operations are not
-watched either; only the calls' arguments define the graph.
+the ``with`` block the record watches the torch operations between layers, with an allow-list:
+reading metadata (``h.shape``), ``torch.cat`` along the features and conversions that keep every
+value the sample can hold (``detach``, ``clone``, ``.to`` a dtype that represents them) are
+followed; any other operation that reads a sample (``h * 2``, ``h.T``, ``h.to(torch.bool)`` of a
++-1 sample, a deterministic module, ``h.sum().item()``, an embedding of a class index) has a path
+the record cannot follow, and its unit falls back to REINFORCE, which is unbiased whatever the
+path (``rec.fallbacks`` says which units and why; ``record(strict=True)`` raises instead).
+
+Errors, where no estimator can be right: a sample changed in place (its ``_version``), a sample
+read through ``.data`` or ``.numpy()`` inside the block (writes through them are invisible), a
+child layer's weight changed in place between the forward and the loss (an optimizer step in
+between; the messages would use the new weight), and a stochastic layer compiled on its own
+(``torch.compile(layer)``) called inside an eager record, which cannot register.
+
+After the block nothing is watched: the reward may read the samples of units without children (the
+outputs); pass any other sample it reads as ``outputs=[...]`` to ``surrogate_loss`` (that unit then
+falls back too). Under ``torch.compile`` of a whole step operations are not watched either; only
+the calls' arguments define the graph.
 """
 
 from __future__ import annotations
@@ -49,15 +59,37 @@ ESTIMATORS = ("hnca", "reinforce")
 __all__ = ["record", "Record", "StochasticCall", "ESTIMATORS"]
 
 # The records the current code runs inside, innermost last. torch.compile cannot trace
-# ContextVar.set, so while it traces, records live on a plain list instead.
+# ContextVar.set, so while it traces, records live on a plain list instead. _EAGER counts the
+# eager records open in the process: a layer compiled on its own cannot read the ContextVar, but
+# it can see that one is open somewhere and ask eagerly whether it runs inside it.
 _ACTIVE: contextvars.ContextVar[tuple] = contextvars.ContextVar("hnca_records", default=())
 _TRACED: list = []
+_EAGER: list = []
 
 
 def active_records() -> tuple:
     if torch.compiler.is_compiling():
+        if not _TRACED and _EAGER:
+            _refuse_compiled_call()
         return tuple(_TRACED)
     return _ACTIVE.get()
+
+
+def _refuse_compiled_call() -> None:
+    """Raise if this context is inside an eager record (run eagerly: a graph break under compile)."""
+    global _refuse_compiled_call
+    if not getattr(_refuse_compiled_call, "_eager", False):  # torch.compiler is imported once compiling
+        def refuse():
+            if _ACTIVE.get():
+                raise RuntimeError(
+                    "hnca: a stochastic layer runs under torch.compile inside an eager hnca_kernels.record(): "
+                    "the record cannot see compiled calls, so the layer would get no gradient; compile the whole "
+                    "step (the forward inside record(), the loss and backward), or leave the layer uncompiled")
+
+        refuse._eager = True
+        _refuse_compiled_call = torch.compiler.disable(refuse)
+        _refuse_compiled_call._eager = True
+    _refuse_compiled_call()
 
 
 @dataclass(eq=False)
@@ -82,6 +114,7 @@ class StochasticCall:
     children: list = field(default_factory=list)   # later calls that take this sample as input
     unmodeled: list = field(default_factory=list)  # why HNCA cannot credit this unit (-> REINFORCE)
     version: int = 0                               # sample._version when drawn
+    weight_version: int = 0                        # layer.weight._version at the call
     feeds_unmodeled: bool = False                  # reaches a later call through other operations
 
     def __repr__(self) -> str:
@@ -93,18 +126,13 @@ class StochasticCall:
 class _Watcher(TorchFunctionMode):
     """Follows samples through the torch operations between layer calls (eager only).
 
-    A ``torch.cat`` along the features and value-preserving conversions keep track of which
-    columns hold which sample; any other operation that reads a sample marks its unit unmodeled.
+    An allow-list: reading metadata is not a path; a ``torch.cat`` along the features and the
+    conversions that keep every value a sample can hold (``detach``, ``clone``, ``.to`` a dtype
+    that represents them exactly, ...) keep track of which columns hold which sample; any other
+    operation that reads a sample, including views such as ``.T`` and casts that change values
+    (a +-1 sample to bool), marks its unit unmodeled and taints what it computes. ``.data`` and
+    ``.numpy()`` of a sample raise: writes through them bypass the in-place check.
     """
-
-    _KEEPS_VALUES = {torch.Tensor.detach, torch.Tensor.clone, torch.Tensor.contiguous, torch.Tensor.to,
-                     torch.Tensor.float, torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16,
-                     torch.Tensor.cpu, torch.Tensor.cuda, torch.detach, torch.clone}
-    _CATS = {torch.cat, torch.concat, torch.concatenate}
-    # calls that read a tensor's metadata, not its values
-    _METADATA = {"size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "is_complex",
-                 "element_size", "data_ptr", "get_device", "storage_offset", "__len__", "nelement",
-                 "ndimension", "__get__", "__hash__", "requires_grad_", "register_hook"}
 
     def __init__(self, rec: "Record"):
         super().__init__()
@@ -112,36 +140,103 @@ class _Watcher(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         rec = self.rec
-        if (not rec._columns and not rec._tainted) or getattr(func, "__name__", "") in self._METADATA:
-            return out
+        if not rec._columns and not rec._tainted:
+            return func(*args, **kwargs)
+        name = _operation_name(func)
+        if name in _METADATA:
+            return func(*args, **kwargs)
         leaves = list(_tensors(args, kwargs))
         known = [t for t in leaves if id(t) in rec._columns]
         tainted = [t for t in leaves if id(t) in rec._tainted]
         if not (known or tainted):
+            return func(*args, **kwargs)
+        if known and name in _UNWATCHABLE:
+            call = next(s.source for s in rec._columns[id(known[0])][1] if s.source is not None)
+            raise RuntimeError(f"hnca: the sample of call {call.index} ({type(call.layer).__name__}) is read through "
+                               f".{name} inside record(): writes through it bypass the record's in-place check, so "
+                               "the estimate could be silently wrong; use .detach() (or .tolist()), or read it after "
+                               "the with block")
+        versions = [t._version for t in known]
+        out = func(*args, **kwargs)
+        if isinstance(out, str):  # h.type(): the dtype's name
             return out
-        if known and not tainted and isinstance(out, torch.Tensor):
-            if func in self._CATS and out.dim() == 2:
+        changed = [t for t, v in zip(known, versions) if t._version != v]
+        if known and not tainted and not changed and isinstance(out, torch.Tensor):
+            if any(out is t for t in known):  # the identity (h.real, h.contiguous() of a contiguous h)
+                return out
+            if name in _CATS and out.dim() == 2:
                 parts = args[0] if args else kwargs["tensors"]
                 dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
                 if dim in (1, -1) and all(isinstance(p, torch.Tensor) and p.dim() == 2 for p in parts):
                     rec._columns[id(out)] = (out, _concatenated(rec, parts))
                     return out
-            if func in self._KEEPS_VALUES and len(known) == 1 and known[0] is args[0] and out.shape == args[0].shape:
+            if (name in _CONVERSIONS and len(known) == 1 and known[0] is args[0] and out.shape == args[0].shape
+                    and _keeps_values(rec._columns[id(args[0])][1], out.dtype)):
                 rec._columns[id(out)] = (out, rec._columns[id(args[0])][1])
                 return out
         # any other operation: the samples it reads have a path the record cannot follow
-        name = getattr(func, "__qualname__", getattr(func, "__name__", repr(func)))
         sources = {s.source for t in known for s in rec._columns[id(t)][1] if s.source is not None}
         for call in sources:
-            rec._unmodeled(call, f"its sample is read by {name} inside the record")
+            rec._unmodeled(call, f"its sample is read by {_qualname(func)} inside the record")
+        for t in changed:  # changed in place: no longer holds the sample (the sample itself: an error later)
+            del rec._columns[id(t)]
         for t in tainted:
             sources |= rec._tainted[id(t)][1]
         if sources:
-            for t in _tensors((out,), {}):
+            for t in (*_tensors((out,), {}), *changed):
                 rec._tainted[id(t)] = (t, frozenset(sources))
         return out
+
+
+# Calls that read a tensor's metadata, not its values (methods, and properties by name).
+_METADATA = frozenset({
+    "size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "is_complex", "is_signed",
+    "element_size", "data_ptr", "get_device", "storage_offset", "__len__", "nelement", "ndimension", "__hash__",
+    "requires_grad_", "register_hook", "retain_grad", "is_inference", "has_names", "is_pinned", "is_shared",
+    "shape", "dtype", "device", "requires_grad", "is_leaf", "grad_fn", "ndim", "layout", "is_cuda", "is_cpu",
+    "is_sparse", "is_sparse_csr", "is_quantized", "is_meta", "is_mkldnn", "is_nested", "is_xpu", "is_mps",
+    "itemsize", "nbytes", "output_nr", "_version", "names", "name", "retains_grad", "_backward_hooks",
+})
+_CATS = frozenset({"cat", "concat", "concatenate"})
+# Conversions that keep the values where the new dtype represents them (checked per call).
+_CONVERSIONS = frozenset({"detach", "clone", "contiguous", "to", "type", "float", "double", "half", "bfloat16",
+                          "int", "long", "short", "char", "byte", "bool", "cpu", "cuda"})
+# Accessors whose writes the watcher cannot see.
+_UNWATCHABLE = frozenset({"data", "numpy", "untyped_storage", "storage", "_typed_storage", "__dlpack__"})
+
+
+def _operation_name(func) -> str:
+    """A torch function's name; a property's getter is named by the property (``.T``: "T")."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+def _qualname(func) -> str:
+    name = _operation_name(func)
+    if getattr(func, "__name__", "") == "__get__":
+        return f"Tensor.{name}"
+    return getattr(func, "__qualname__", name or repr(func))
+
+
+_EXACT: dict = {}
+
+
+def _keeps_values(segments, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds every value the samples in ``segments`` can take (0/1, -1/+1, a class)."""
+    for s in segments:
+        if s.source is None:
+            continue  # context columns may change: they are not samples
+        values = s.source.layer.sample_values
+        key = (values, dtype)
+        if key not in _EXACT:
+            exact = torch.tensor(values, dtype=torch.float64)
+            _EXACT[key] = dtype.is_complex or bool((exact.to(dtype).to(torch.float64) == exact).all())
+        if not _EXACT[key]:
+            return False
+    return True
 
 
 def _tensors(args, kwargs):
@@ -200,6 +295,7 @@ class Record:
             _TRACED.append(self)
         else:
             self._token = _ACTIVE.set(_ACTIVE.get() + (self,))
+            _EAGER.append(self)
             self._watcher = _Watcher(self)
             self._watcher.__enter__()
         return self
@@ -211,6 +307,7 @@ class Record:
         else:
             self._watcher.__exit__(*exc)
             _ACTIVE.reset(self._token)
+            _EAGER.remove(self)
             self._watcher = self._token = None
         self._columns, self._tainted = {}, {}  # nothing is watched after the block
 
@@ -231,8 +328,10 @@ class Record:
 
     def _register(self, layer, parts, inputs, logits, sample) -> None:
         segments = _concatenated(self, parts)
-        version = 0 if torch.compiler.is_compiling() else sample._version  # (not traceable)
-        call = StochasticCall(len(self.calls), layer, inputs, segments, logits, sample, version=version)
+        compiling = torch.compiler.is_compiling()  # _version is not traceable
+        call = StochasticCall(len(self.calls), layer, inputs, segments, logits, sample,
+                              version=0 if compiling else sample._version,
+                              weight_version=0 if compiling else layer.weight._version)
         for source in {s.source for s in segments if s.source is not None}:
             source.children.append(call)
         for part in parts:  # inputs computed from samples by operations the record cannot follow
@@ -262,6 +361,12 @@ class Record:
             if c.sample._version != c.version:
                 raise RuntimeError(f"the sample of call {c.index} ({type(c.layer).__name__}) was modified in place "
                                    "after it was drawn; copy it (h.clone()) before changing it")
+            # a child's weight enters its parents' messages (a parent-less call's weight, autograd checks)
+            if c.layer.weight._version != c.weight_version and any(s.source is not None for s in c.segments):
+                raise RuntimeError(f"the weight of call {c.index} ({type(c.layer).__name__}) was changed in place "
+                                   "after the forward (an optimizer step between the forward and its loss?): the "
+                                   "messages would use the new weight; compute each record's loss before "
+                                   "optimizer.step()")
 
     def log_ratios(self, backend: str | None = None) -> list:
         """Per call, the children's counterfactual log-ratio summed over its child calls (None for a
@@ -449,6 +554,10 @@ def learning_signal(reward, baseline, batch: int, device) -> torch.Tensor:
         raise TypeError(f"reward must be a floating tensor, got {reward.dtype}")
     if reward.device != device:
         raise ValueError(f"reward is on {reward.device} but the model's outputs are on {device}")
+    if reward.requires_grad and not torch.compiler.is_compiling():
+        warnings.warn("hnca: the reward requires grad; the estimators treat it as a number (it is detached), so "
+                      "no gradient flows through it: for an objective of the model's parameters, add its own loss "
+                      "(or use Record.elbo_loss for a known objective)", stacklevel=3)
     reward = reward.detach()
     if isinstance(baseline, torch.Tensor):
         if baseline.shape not in ((), (batch,)):

@@ -118,3 +118,55 @@ def estimator_mean(model, params, x, reward_fn, estimator, baseline=0.0, outputs
             if p.grad is not None:
                 t -= p.grad  # the loss's gradient is minus the estimate
     return total
+
+
+# ---- the same expectations from one batched pass ---------------------------------------------------
+# Every (example, configuration) pair is one row of a batch whose samples are replayed; the estimate
+# is per row and linear in the learning signal, so weighting each row's signal by its probability
+# (times the number of configurations, to undo the batch mean) gives the exact expectation in one
+# forward and one backward. The model must treat rows independently.
+
+def joint_configurations(model, x):
+    """([per call: every joint configuration's sample stacked, [C, ...]], C)."""
+    combos = list(configurations(model, x))
+    return [torch.cat([combo[k] for combo in combos]) for k in range(len(combos[0]))], len(combos)
+
+
+def batched_rows(model, x):
+    """(x repeated per configuration [N*C, ...], a function returning fresh replay samples for those
+    rows, example index of each row [N*C], C). Row n*C + c is example n in configuration c."""
+    per_call, count = joint_configurations(model, x)
+    n = x.shape[0]
+    xs = x.repeat_interleave(count, 0)
+
+    def samples():
+        return [s.repeat(n, *([1] * (s.dim() - 1))).clone() for s in per_call]
+
+    return xs, samples, torch.arange(n).repeat_interleave(count), count
+
+
+def exact_gradient_batched(model, params, x, reward_fn):
+    """``exact_gradient`` in one batched pass."""
+    xs, samples, rows, _ = batched_rows(model, x)
+    for p in params:
+        p.grad = None
+    with record(replay=samples()) as rec:
+        out = model(xs)
+    (log_prob(rec).exp() * reward_fn(rec, out, rows)).sum().div(x.shape[0]).backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def estimator_mean_batched(model, params, x, reward_fn, estimator, baseline=0.0, outputs=None, backend=None,
+                           strict=False):
+    """``estimator_mean`` in one batched pass; returns (mean, the record)."""
+    xs, samples, rows, count = batched_rows(model, x)
+    for p in params:
+        p.grad = None
+    with record(replay=samples(), strict=strict) as rec:
+        out = model(xs)
+    weight = log_prob(rec).exp().detach() * count
+    b = baseline[rows] if isinstance(baseline, torch.Tensor) else baseline
+    kwargs = {"outputs": outputs(rec, out)} if outputs is not None else {}
+    rec.surrogate_loss(weight * reward_fn(rec, out, rows).detach(), estimator=estimator, baseline=weight * b,
+                       backend=backend, **kwargs).backward()
+    return [-p.grad if p.grad is not None else torch.zeros_like(p) for p in params], rec

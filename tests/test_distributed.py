@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hnca_kernels
 from hnca_kernels import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential, record
-from hnca_kernels.models import ESTIMATORS, BernoulliVAE
+from hnca_kernels.models import UNBIASED_ESTIMATORS as ESTIMATORS, BernoulliVAE
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available in this torch build")

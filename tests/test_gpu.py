@@ -15,7 +15,7 @@ import torch
 import hnca_kernels
 from hnca_kernels import BernoulliLinear, CategoricalLinear, StochasticSequential, record
 from hnca_kernels.backends import is_available
-from hnca_kernels.models import ESTIMATORS, BernoulliVAE
+from hnca_kernels.models import UNBIASED_ESTIMATORS as ESTIMATORS, BernoulliVAE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU_BACKENDS = [b for b in ("triton", "cuda", "reference") if torch.cuda.is_available() and is_available(b, "cuda")]

@@ -121,6 +121,24 @@ def test_moving_average_baseline_uses_earlier_batches_only():
         MovingAverageBaseline(1.0)
 
 
+@pytest.mark.parametrize("signal", [torch.empty(0), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")])],
+                         ids=["empty", "nan", "inf"])
+def test_a_baseline_keeps_its_state_on_an_empty_or_non_finite_signal(signal):
+    b = MovingAverageBaseline(0.5)
+    b(torch.tensor([2.0]))
+    other = MovingAverageBaseline(0.5)
+    if signal.numel():
+        with pytest.raises(ValueError, match="non-finite values"):
+            b(signal)
+        with pytest.raises(ValueError, match="non-finite values"):  # several at once: none of them changes
+            update_baselines([(other, torch.tensor([5.0])), (b, signal)])
+    else:
+        assert b(signal).item() == 1.0
+    assert b.value.item() == 1.0 and other.value.item() == 0.0
+    assert torch.isfinite(b.state_dict()["value"])
+    assert b(torch.tensor([3.0])).item() == 1.0 and b.value.item() == 2.0  # later batches as usual
+
+
 def test_baselines_without_a_process_group_and_their_copies():
     """One process: update_baselines is each baseline's own update; a process_group is a handle
     (shared by deepcopy, refused by pickle); a baseline pickled before `sync` existed still loads.

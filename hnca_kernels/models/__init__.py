@@ -1,5 +1,5 @@
 """Models trained with HNCA."""
 
-from .vae import ESTIMATORS, BernoulliVAE
+from .vae import ESTIMATORS, UNBIASED_ESTIMATORS, BernoulliVAE
 
-__all__ = ["BernoulliVAE", "ESTIMATORS"]
+__all__ = ["BernoulliVAE", "ESTIMATORS", "UNBIASED_ESTIMATORS"]

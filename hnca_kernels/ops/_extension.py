@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -96,12 +97,55 @@ def load() -> tuple[str | None, bool]:
         return reason, False
 
 
-def _register_fake() -> None:
-    """Shapes and dtypes of the ops' outputs, for torch.compile and opcheck."""
+def _require(ok: bool, error, message: str) -> None:
+    if not ok:
+        raise error(f"hnca: {message}")
 
-    def message(x, *args):
+
+def _check_message(x, weight, logits, lo, hi) -> None:
+    """The C++ ops' argument checks (csrc/hnca_common.h), for their fake (meta) implementations."""
+    _require(x.device == weight.device == logits.device, ValueError, "x, weight and logits must be on one device")
+    _require(x.dim() == weight.dim() == logits.dim() == 2, ValueError, "x, weight, logits must be 2-D")
+    _require(weight.shape[1] == x.shape[1] and logits.shape == (x.shape[0], weight.shape[0]), ValueError,
+             "shapes of x [B, in], weight [out, in], logits [B, out] do not match")
+    _require(x.is_floating_point() and weight.is_floating_point() and logits.is_floating_point(), TypeError,
+             "x, weight and logits must be floating tensors")
+    _require(math.isfinite(lo) and math.isfinite(hi) and lo < hi, ValueError,
+             "the parent values lo, hi must be finite with lo < hi")
+
+
+def _register_fake() -> None:
+    """Shapes and dtypes of the ops' outputs, for torch.compile and opcheck, after the same
+    argument checks as the kernels."""
+
+    def output(x):
         return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32))
 
-    for op in ("bernoulli_log_ratio", "categorical_log_ratio", "entropy_delta"):
-        torch.library.register_fake(f"hnca::{op}", message)
-    torch.library.register_fake("hnca::logit_credit", lambda logits, d: torch.empty_like(logits))
+    def bernoulli(x, weight, logits, y, lo, hi):
+        _check_message(x, weight, logits, lo, hi)
+        _require(y.device == logits.device, ValueError, "y must be on the device of x, weight and logits")
+        _require(y.shape == logits.shape, ValueError, "y must have the shape of logits [B, out]")
+        _require(not y.is_complex(), TypeError, "y must be a real tensor")
+        return output(x)
+
+    def categorical(x, weight, logits, a, lo, hi):
+        _check_message(x, weight, logits, lo, hi)
+        _require(a.device == x.device, ValueError, "a must be on the device of x, weight and logits")
+        _require(a.dim() == 1 and a.shape[0] == x.shape[0], ValueError, "a must have shape [B]")
+        _require(a.dtype in (torch.int64, torch.int32), TypeError, "a must hold class indices (int64 or int32)")
+        return output(x)
+
+    def entropy(x, weight, logits, lo, hi):
+        _check_message(x, weight, logits, lo, hi)
+        return output(x)
+
+    def credit(logits, d):
+        _require(logits.device == d.device, ValueError, "logits and d must be on one device")
+        _require(logits.shape == d.shape, ValueError, "logits and d must have one shape")
+        _require(logits.is_floating_point() and d.is_floating_point(), TypeError,
+                 "logits and d must be floating tensors")
+        return torch.empty_like(logits)
+
+    for op, fake in (("bernoulli_log_ratio", bernoulli), ("categorical_log_ratio", categorical),
+                     ("entropy_delta", entropy), ("logit_credit", credit)):
+        torch.library.register_fake(f"hnca::{op}", fake)

@@ -7,24 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from . import _extension, bad_parent_values
+from . import _extension
 
-# The ops check that x holds only lo and hi (and, for the softmax child, the class range);
-# hnca_kernels.functional then skips its own check.
+# The ops check every argument (shapes, devices, dtypes: ValueError/TypeError from TORCH_CHECK_VALUE
+# and TORCH_CHECK_TYPE) and that x holds only lo and hi (and, for the softmax child, the class
+# range); hnca_kernels.functional then skips its own value check.
 CHECKS_PARENT_VALUES = True
-
-
-def _call(op, *args, lo, hi, classes=None):
-    """op(*args), its bad-value errors (RuntimeError with a fixed text) raised as ValueError."""
-    try:
-        return op(*args)
-    except RuntimeError as exc:
-        message = str(exc)
-        if "must hold only the parent values" in message:
-            raise bad_parent_values(lo, hi) from None
-        if "must hold class indices" in message:
-            raise ValueError(f"a must hold class indices in [0, {classes})") from None
-        raise
 
 
 def load_reason() -> str | None:
@@ -38,16 +26,15 @@ def unsupported_reason(device: torch.device) -> str | None:
 
 
 def bernoulli_log_ratio(x, weight, logits, y, lo, hi):
-    return _call(torch.ops.hnca.bernoulli_log_ratio, x, weight, logits, y, lo, hi, lo=lo, hi=hi)
+    return torch.ops.hnca.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
 
 
 def categorical_log_ratio(x, weight, logits, a, lo, hi):
-    return _call(torch.ops.hnca.categorical_log_ratio, x, weight, logits, a, lo, hi, lo=lo, hi=hi,
-                 classes=weight.shape[0])
+    return torch.ops.hnca.categorical_log_ratio(x, weight, logits, a, lo, hi)
 
 
 def entropy_delta(x, weight, logits, lo, hi):
-    return _call(torch.ops.hnca.entropy_delta, x, weight, logits, lo, hi, lo=lo, hi=hi)
+    return torch.ops.hnca.entropy_delta(x, weight, logits, lo, hi)
 
 
 def logit_credit(logits, d):
