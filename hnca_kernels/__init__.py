@@ -2,7 +2,7 @@
 
 from . import distributed, functional
 from .backends import BackendUnavailableError, available_backends, use_backend
-from .baseline import MovingAverageBaseline
+from .baseline import CallBaselines, MovingAverageBaseline
 from .graphs import CapturedStep
 from .validation import checks
 from .layers import BernoulliLinear, CategoricalLinear
@@ -17,6 +17,7 @@ __all__ = [
     "CategoricalLinear",
     "StochasticSequential",
     "MovingAverageBaseline",
+    "CallBaselines",
     "CapturedStep",
     "use_backend",
     "checks",

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from . import validation
 
-__all__ = ["MovingAverageBaseline", "update_baselines"]
+__all__ = ["MovingAverageBaseline", "CallBaselines", "update_baselines"]
 
 
 class MovingAverageBaseline(nn.Module):
@@ -81,6 +81,22 @@ class MovingAverageBaseline(nn.Module):
 
     def extra_repr(self) -> str:
         return f"decay={self.decay}" + ("" if self.sync else ", sync=False")
+
+
+class CallBaselines(nn.ModuleList):
+    """One ``MovingAverageBaseline`` per sampled call of a model, in call order: the baselines of
+    ``Record.elbo_loss`` (each call's learning signal, folded in after the step with one all-reduce
+    under torch.distributed). A module: it follows ``.to``, is saved in ``state_dict`` and belongs
+    with the model whose calls it serves.
+
+    >>> baselines = hnca_kernels.CallBaselines(2)        # a VAE whose encoder samples twice
+    >>> loss = rec.elbo_loss(baseline=baselines)
+    """
+
+    def __init__(self, calls: int, decay: float = 0.99):
+        if not isinstance(calls, int) or isinstance(calls, bool) or calls < 1:
+            raise ValueError(f"calls must be a positive int, got {calls!r}")
+        super().__init__(MovingAverageBaseline(decay) for _ in range(calls))
 
 
 @torch.no_grad()

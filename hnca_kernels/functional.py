@@ -8,13 +8,14 @@ children), otherwise in the inputs' dtype.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 from . import validation
 from .backends import get_backend
-from .ops import bad_parent_values
+from .ops import bad_parent_values, reference
 
 __all__ = [
     "counterfactual_log_ratio",
@@ -24,6 +25,8 @@ __all__ = [
     "hnca_logit_credit",
     "bernoulli_entropy",
     "categorical_parent_log_ratio",
+    "categorical_entropy_delta",
+    "categorical_parent_entropy_delta",
 ]
 
 
@@ -96,26 +99,67 @@ def counterfactual_log_ratio(x, weight, logits, y, *, parent_values=(0.0, 1.0), 
     return _backend_for_parents(backend, x, lo, hi).bernoulli_log_ratio(x, weight, logits, y, lo, hi)
 
 
+def _check_softmax_child(x, weight, logits, a=None):
+    """A softmax child of binary parents: one variable (``logits`` [B, K], ``a`` [B]) or V of them
+    (``logits`` [B, V, K], ``a`` [B, V], ``weight`` [V*K, in]). Returns (V, K)."""
+    for name, t in (("x", x), ("weight", weight), ("logits", logits)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, K] or [B, V, K], got shape {tuple(logits.shape)}")
+    V, K = (1, logits.shape[1]) if logits.dim() == 2 else tuple(logits.shape[1:])
+    _check_linear_inputs(x, weight, logits.reshape(logits.shape[0], V * K))
+    if a is not None:
+        expected = (x.shape[0],) if logits.dim() == 2 else (x.shape[0], V)
+        if not isinstance(a, torch.Tensor) or tuple(a.shape) != expected:
+            raise ValueError(f"a must be a tensor of shape {expected}, got {getattr(a, 'shape', type(a))}")
+        if a.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"a must hold class indices (int64), got {a.dtype}")
+        if a.device != x.device:
+            raise ValueError(f"a is on {a.device} but x is on {x.device}")
+    return V, K
+
+
 def categorical_counterfactual_log_ratio(x, weight, logits, a, *, parent_values=(0.0, 1.0), backend=None):
     """Message from a softmax child (K classes) that sampled class ``a`` [B] to its binary parents.
 
-    ``weight`` is [K, in] and ``logits`` [B, K]. Returns d [B, in] with
+    ``weight`` is [K, in] and ``logits`` [B, K]; or V softmax variables at once: ``logits``
+    [B, V, K], ``a`` [B, V], ``weight`` [V*K, in] (rows v*K .. v*K + K - 1 are variable v), their
+    log-ratios summed. Returns d [B, in] with
     d[b, i] = log pi(a[b] | x_i := hi) - log pi(a[b] | x_i := lo).
     """
     lo, hi = _check_parent_values(parent_values)
-    _check_linear_inputs(x, weight, logits)
-    if not isinstance(a, torch.Tensor) or a.shape != (x.shape[0],):
-        raise ValueError(f"a must be a tensor of shape {(x.shape[0],)}, got {getattr(a, 'shape', type(a))}")
-    if a.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"a must hold class indices (int64), got {a.dtype}")
-    if a.device != x.device:
-        raise ValueError(f"a is on {a.device} but x is on {x.device}")
+    V, K = _check_softmax_child(x, weight, logits, a)
     impl = _backend_for_parents(backend, x, lo, hi)
     # the class range too is checked by a backend that checks the parents (two reductions here)
     if not getattr(impl, "CHECKS_PARENT_VALUES", False) and a.numel():
-        validation.require(a.device, lambda: ((a >= 0) & (a < logits.shape[1])).all(),
-                           ValueError(f"a must hold class indices in [0, {logits.shape[1]})"))
-    return impl.categorical_log_ratio(x, weight, logits, a.long(), lo, hi)
+        validation.require(a.device, lambda: ((a >= 0) & (a < K)).all(),
+                           ValueError(f"a must hold class indices in [0, {K})"))
+    if logits.dim() == 2:
+        return impl.categorical_log_ratio(x, weight, logits, a.long(), lo, hi)
+    if getattr(impl, "CATEGORICAL_VARIABLES", False) or impl is reference:
+        return impl.categorical_log_ratio(x, weight, logits, a.long(), lo, hi)
+    total = None  # a backend whose kernel takes one variable: one call per variable
+    for v in range(V):
+        d = impl.categorical_log_ratio(x, weight[v * K:(v + 1) * K], logits[:, v], a[:, v].long(), lo, hi)
+        total = d if total is None else total + d
+    return total
+
+
+def categorical_entropy_delta(x, weight, logits, *, parent_values=(0.0, 1.0), backend=None):
+    """Change of the entropy of softmax children when each binary parent is set to hi, not lo.
+
+    ``logits`` [B, K] (``weight`` [K, in]) or [B, V, K] (``weight`` [V*K, in], the variables'
+    entropies summed). Returns d [B, in] with d[b, i] = sum_v H(pi_v | x_i := hi) - H(pi_v | x_i := lo)
+    (f-HNCA's counterfactual entropy of a categorical layer fed binary units).
+    """
+    lo, hi = _check_parent_values(parent_values)
+    _check_softmax_child(x, weight, logits)
+    impl = _backend_for_parents(backend, x, lo, hi)
+    op = getattr(impl, "categorical_entropy_delta", reference.categorical_entropy_delta)
+    if op is reference.categorical_entropy_delta and getattr(impl, "CHECKS_PARENT_VALUES", False) and x.numel():
+        validation.require(x.device, lambda: ((x == lo) | (x == hi)).all(), bad_parent_values(lo, hi))
+    return op(x, weight, logits, lo, hi)
 
 
 def counterfactual_entropy_delta(x, weight, logits, *, parent_values=(0.0, 1.0), backend=None):
@@ -167,6 +211,28 @@ def hnca_logit_credit(logits: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return posterior.mul_((logits * sign).neg_().sigmoid_()).mul_(magnitude).mul_(sign)
 
 
+def _check_categorical_parents(a, weight, logits, y=None):
+    for name, t in (("a", a), ("weight", weight), ("logits", logits)) + ((("y", y),) if y is not None else ()):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if a.dim() != 2 or a.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"a must hold classes [B, V] (int64), got {a.dtype} of shape {tuple(a.shape)}")
+    batch, variables = a.shape
+    if weight.dim() != 2 or weight.shape[1] % variables or not weight.shape[1]:
+        raise ValueError(f"weight must be [out, V*K] with V = {variables}, got {tuple(weight.shape)}")
+    if logits.shape[0] != batch or logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, out] or [B, V, K] with B = {batch}, got {tuple(logits.shape)}")
+    if math.prod(logits.shape[1:]) != weight.shape[0]:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match weight {tuple(weight.shape)} ([out, V*K])")
+    for name, t in (("weight", weight), ("logits", logits)) + ((("y", y),) if y is not None else ()):
+        if t.device != a.device:
+            raise ValueError(f"{name} is on {t.device} but a is on {a.device}")
+    classes = weight.shape[1] // variables
+    validation.require(a.device, lambda: ((a >= 0) & (a < classes)).all(),
+                       ValueError(f"a must hold class indices in [0, {classes})"))
+    return variables, classes
+
+
 def categorical_parent_log_ratio(a, weight, logits, y, *, backend=None):
     """Message from children to categorical parents that feed them one-hot (categorical hidden units).
 
@@ -175,8 +241,9 @@ def categorical_parent_log_ratio(a, weight, logits, y, *, backend=None):
             one-hot columns v*K .. v*K + K - 1.
         weight: the children's weight columns of those inputs, [out, V*K].
         logits: the children's logits [B, out].
-        y: Bernoulli children's samples [B, out] (floats; fired where > 0), or one softmax child's
-            sampled classes [B] (int64; then ``weight`` is [K_child, V*K] and ``logits`` [B, K_child]).
+        y: Bernoulli children's samples [B, out] (floats; fired where > 0), or a softmax child's
+            sampled classes: [B] (then ``weight`` is [K_child, V*K] and ``logits`` [B, K_child]) or
+            [B, Vc] for Vc variables (``logits`` [B, Vc, K_child], ``weight`` [Vc*K_child, V*K]).
 
     Returns:
         D [B, V, K] with D[b, v, k] = log P(children | variable v := k) - log P(children | actual);
@@ -184,21 +251,19 @@ def categorical_parent_log_ratio(a, weight, logits, y, *, backend=None):
 
     Variable v switched to class k moves the child logits by W[:, vK+k] - W[:, vK+a]: from the
     logits with variable v switched off (l - W[:, vK+a]), that is the message of K binary parents
-    at 0 set to 1, so every backend's binary-parent kernel computes it (one call per variable).
+    at 0 set to 1, so a backend without this op runs its binary-parent kernel once per variable.
     """
-    for name, t in (("a", a), ("weight", weight), ("logits", logits), ("y", y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if a.dim() != 2 or a.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"a must hold classes [B, V] (int64), got {a.dtype} of shape {tuple(a.shape)}")
-    batch, variables = a.shape
-    if weight.dim() != 2 or weight.shape[1] % variables:
-        raise ValueError(f"weight must be [out, V*K] with V = {variables}, got {tuple(weight.shape)}")
-    classes = weight.shape[1] // variables
-    validation.require(a.device, lambda: ((a >= 0) & (a < classes)).all(),
-                   ValueError(f"a must hold class indices in [0, {classes})"))
+    variables, classes = _check_categorical_parents(a, weight, logits, y)
+    if y.is_floating_point() and y.shape != logits.shape:
+        raise ValueError(f"y must have the shape of logits {tuple(logits.shape)}, got {tuple(y.shape)}")
+    if not y.is_floating_point() and tuple(y.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"y must hold the child's classes {tuple(logits.shape[:-1])}, got {tuple(y.shape)}")
+    impl = get_backend(backend, a.device)
     a = a.long()
-    zeros = logits.new_zeros(batch, classes)
+    op = getattr(impl, "categorical_parent_log_ratio", None)
+    if op is not None or impl is reference or (not y.is_floating_point() and logits.dim() == 3):
+        return (op or reference.categorical_parent_log_ratio)(a, weight, logits, y)
+    zeros = logits.new_zeros(a.shape[0], classes)
     out = []
     for v in range(variables):
         w = weight[:, v * classes:(v + 1) * classes]
@@ -207,5 +272,28 @@ def categorical_parent_log_ratio(a, weight, logits, y, *, backend=None):
             d = counterfactual_log_ratio(zeros, w, base, y, parent_values=(0.0, 1.0), backend=backend)
         else:
             d = categorical_counterfactual_log_ratio(zeros, w, base, y, parent_values=(0.0, 1.0), backend=backend)
+        out.append(d - d.gather(1, a[:, v:v + 1]))
+    return torch.stack(out, 1)
+
+
+def categorical_parent_entropy_delta(a, weight, logits, *, child_classes=None, backend=None):
+    """Change of the children's entropy when categorical parent variable v is switched to class k:
+    D [B, V, K] = H(children | v := k) - H(children | actual) (0 at the actual class).
+
+    Children: Bernoulli units (``logits`` [B, out], ``child_classes`` None) or softmax variables
+    (``logits`` [B, Vc, K_child], ``child_classes=K_child``); ``weight`` [out, V*K] as in
+    ``categorical_parent_log_ratio``.
+    """
+    variables, classes = _check_categorical_parents(a, weight, logits)
+    impl = get_backend(backend, a.device)
+    a = a.long()
+    op = getattr(impl, "categorical_parent_entropy_delta", None)
+    if op is not None or impl is reference or child_classes is not None:
+        return (op or reference.categorical_parent_entropy_delta)(a, weight, logits, child_classes)
+    zeros = logits.new_zeros(a.shape[0], classes)
+    out = []
+    for v in range(variables):
+        w = weight[:, v * classes:(v + 1) * classes]
+        d = counterfactual_entropy_delta(zeros, w, logits - w.t()[a[:, v]], parent_values=(0.0, 1.0), backend=backend)
         out.append(d - d.gather(1, a[:, v:v + 1]))
     return torch.stack(out, 1)

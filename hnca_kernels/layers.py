@@ -16,15 +16,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import functional
+from . import functional, relaxed, validation
+from .functional import hnca_logit_credit
 from .backends import get_backend
 from .record import _unwatched, active_records
 
 
-def _join(layer: nn.Module, inputs: tuple) -> torch.Tensor:
-    """The layer's input: the one argument, or the concatenation of several along the features."""
+def _join(layer: nn.Module, inputs: tuple, batch: int | None = None) -> torch.Tensor:
+    """The layer's input: the one argument, or the concatenation of several along the features; for
+    a layer without inputs (``in_features=0``, a learned prior) an empty [batch, 0] tensor."""
     name = type(layer).__name__
     if not inputs:
+        if layer.in_features == 0 and batch is not None:
+            return layer.weight.new_zeros(batch, 0)
+        if layer.in_features == 0:
+            raise TypeError(f"{name}(0, ...) takes no input: call it as a prior, layer(observed=value)")
         raise TypeError(f"{name} needs at least one input tensor")
     for k, t in enumerate(inputs):
         if not isinstance(t, torch.Tensor):
@@ -54,9 +60,10 @@ def _join(layer: nn.Module, inputs: tuple) -> torch.Tensor:
 class _StochasticLinear(nn.Module):
     def __init__(self, in_features, out_features, bias, device, dtype):
         super().__init__()
-        for label, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{type(self).__name__}: {label} must be a positive int, got {value!r}")
+        for label, value, least in (("in_features", in_features, 0), ("out_features", out_features, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                kind = "a non-negative" if least == 0 else "a positive"
+                raise ValueError(f"{type(self).__name__}: {label} must be {kind} int, got {value!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -65,7 +72,7 @@ class _StochasticLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # The paper's initialisation: Glorot-uniform weights, zero bias.
+        # The paper's initialisation: Glorot-uniform weights, zero bias (a prior: zero logits).
         bound = math.sqrt(6.0 / (self.in_features + self.out_features))
         nn.init.uniform_(self.weight, -bound, bound)
         if self.bias is not None:
@@ -86,12 +93,19 @@ class _StochasticLinear(nn.Module):
         logits = self._logits(x)
         return logits, self.sample(logits)
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """Sample the layer for the concatenation of ``inputs`` along the features.
+    def forward(self, *inputs: torch.Tensor, observed: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample the layer for the concatenation of ``inputs`` along the features; or, with
+        ``observed=value``, score it: return ``value`` and, inside a record, register
+        log p(value | inputs) as a component of the objective (``Record.elbo``). A layer with
+        ``in_features=0`` (a learned prior, logits = bias) is called with no inputs.
 
         Inside ``hnca_kernels.record()`` the call is recorded (inputs [B, features] there).
         """
         records = active_records()
+        if records and records[-1].branch is not None and records[-1]._upstream_of_branch(inputs, observed):
+            return records[-1]._skip(observed)  # a partial pass: nothing of this call is needed
+        if observed is not None:
+            return self._score_call(inputs, observed, records)
         if not records:
             return self._draw(_join(self, inputs))[1]
         with _unwatched(records):  # the layer's own operations are not paths between units
@@ -99,8 +113,12 @@ class _StochasticLinear(nn.Module):
             if x.dim() != 2:
                 raise ValueError(f"inside record(), {type(self).__name__} takes inputs of shape [B, features], "
                                  f"got {tuple(x.shape)}")
+            relaxed = next((r for r in reversed(records) if r.relax is not None), None)
             replaying = next((r for r in reversed(records) if r._replay is not None), None)
-            if replaying is None:
+            if relaxed is not None:
+                logits = self._logits(x)
+                sample = self.straight_through(logits, relaxed.relax, relaxed.tau)
+            elif replaying is None or not replaying._replays_next():
                 logits, sample = self._draw(x)
             else:
                 logits = self._logits(x)
@@ -108,6 +126,24 @@ class _StochasticLinear(nn.Module):
             for rec in records:
                 rec._register(self, inputs, x, logits, sample)
         return sample
+
+    def _score_call(self, inputs, value, records) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"observed= must be a tensor, got {type(value).__name__}")
+        if not records:
+            return value
+        with _unwatched(records):
+            if value.dim() < 1:
+                raise ValueError(f"observed= must be a batch of values [B, ...], got shape {tuple(value.shape)}")
+            x = _join(self, inputs, batch=value.shape[0])
+            if x.dim() != 2:
+                raise ValueError(f"inside record(), {type(self).__name__} takes inputs of shape [B, features], "
+                                 f"got {tuple(x.shape)}")
+            logits = self._logits(x)
+            checked = self.check_value(value, logits)
+            for rec in records:
+                rec._register(self, inputs, x, logits, checked, observed=value)
+        return value
 
     def _message_weight(self, logits: torch.Tensor) -> torch.Tensor:
         # Under autocast the logits can be in a lower precision than the weight.
@@ -188,19 +224,106 @@ class BernoulliLinear(_StochasticLinear):
         """log pi(sample | parents), summed over the units: [...]."""
         return F.logsigmoid(torch.where(sample > 0, logits, -logits)).sum(-1)
 
-    def child_terms(self, weight, logits, sample):
-        """As a child: one layer of Bernoulli units (weight [out, n], logits and sample [B, out])."""
-        return [(weight, logits, sample)]
+    # ---- what the objective's estimators need (hnca_kernels.objective) ----------------------------
+    def log_prob_units(self, logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """log pi(value | parents) per unit [B, out], differentiable in the logits and in the value
+        (a straight-through sample carries a gradient)."""
+        lo, hi = self.values
+        fired = value if (lo, hi) == (0.0, 1.0) else (value - lo) / (hi - lo)
+        return F.binary_cross_entropy_with_logits(logits, fired.to(logits.dtype), reduction="none").neg()
+
+    def entropy_units(self, logits: torch.Tensor) -> torch.Tensor:
+        """The analytic entropy of each unit [B, out] (nats)."""
+        return functional.bernoulli_entropy(logits)
+
+    def entropy_logit_grad(self, logits: torch.Tensor) -> torch.Tensor:
+        """d H / d logits per unit: -l p (1 - p)."""
+        return -logits * torch.sigmoid(logits) * torch.sigmoid(-logits)
+
+    def own_values(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log pi(unit = hi), log pi(unit = lo)) per unit [B, out]: a scored call's own components
+        at both values of its value-parent's units."""
+        return F.logsigmoid(logits), F.logsigmoid(-logits)
+
+    def check_value(self, value, logits) -> torch.Tensor:
+        """An observed value's shape and dtype (its values: ``require_values``), in the layer's dtype."""
+        if value.shape != logits.shape:
+            raise ValueError(f"observed= must have shape {tuple(logits.shape)} (one value per unit), got "
+                             f"{tuple(value.shape)}")
+        if not (value.is_floating_point() or value.dtype == torch.bool):
+            raise TypeError(f"observed= of a BernoulliLinear must be a floating tensor of {self.values}, got {value.dtype}")
+        if value.device != logits.device:
+            raise ValueError(f"observed= is on {value.device} but the layer's weight is on {logits.device}")
+        return value if value.dtype == self.weight.dtype else value.to(self.weight.dtype)
+
+    def require_values(self, value, name="observed=") -> None:
+        lo, hi = self.values
+        validation.require(value.device, lambda: ((value == lo) | (value == hi)).all(),
+                           ValueError(f"{name} must hold only {(lo, hi)} (binarize the data first)"))
+
+    def _changes(self, sample, groups):
+        """Per unit, the groups' change at hi and at lo from the draw, each [B, out]: a message
+        (the change from lo to hi) moves one of them; an own component is known at both values."""
+        fired = sample == self.values[1]
+        up = down = None
+        for change, at_draw, g in groups:
+            if g.own:
+                o_hi, o_lo = change
+                u, d = o_hi - at_draw, o_lo - at_draw
+            else:
+                u, d = torch.where(fired, 0.0, change), torch.where(fired, -change, 0.0)
+            up, down = (u, d) if up is None else (up + u, down + d)
+        return up, down
+
+    def objective_credit(self, logits, sample, d, weighted, orange, green) -> torch.Tensor:
+        """f-HNCA's learning signal per logit for an objective (hnca_kernels.objective):
+        p(1-p) [rho1 (C + up) - rho0 (C + down)] + p(1-p) (G(hi) - G(lo)), with the children's
+        log-ratio ``d`` (None: no sampled children), C = ``weighted`` [B] (the components through
+        the children, minus the baseline), up/down the orange components' change at hi/lo. Written
+        with bounded products: credit(l, d) C + sigmoid(-l) sigmoid(l + d) up - sigmoid(l) sigmoid(-l - d) down."""
+        var = torch.sigmoid(logits) * torch.sigmoid(-logits)
+        signal = None
+        if green:
+            up, down = self._changes(sample, green)
+            signal = var * (up - down)
+        if d is not None:
+            rho = hnca_logit_credit(logits, d) * weighted.unsqueeze(-1)
+            if orange:
+                up, down = self._changes(sample, orange)
+                rho = rho + torch.sigmoid(-logits) * torch.sigmoid(logits + d) * up \
+                    - torch.sigmoid(logits) * torch.sigmoid(-logits - d) * down
+            signal = rho if signal is None else signal + rho
+        return signal if signal is not None else torch.zeros_like(logits)
+
+    def straight_through(self, logits, estimator, tau) -> torch.Tensor:
+        """An exact sample whose gradient is a straight-through estimator's (``hnca_kernels.relaxed``)."""
+        lo, hi = self.values
+        fired = relaxed.straight_through_bernoulli(logits, estimator, tau)
+        return fired if (lo, hi) == (0.0, 1.0) else fired * (hi - lo) + lo
+
+    def child_view(self, weight, logits, target):
+        """As a child: (its weight columns [out, n], logits [B, out], Bernoulli target [B, out], None)."""
+        return weight, logits, target, None
 
     def parent_message(self, sample, weight, logits, target, backend=None) -> torch.Tensor:
         """The log-ratio [B, out] that children with ``weight`` [*, out] (this layer's columns),
-        ``logits`` and ``target`` (Bernoulli samples, or a softmax child's classes) send this layer."""
+        ``logits`` and ``target`` (Bernoulli samples or values, or a softmax child's classes
+        [B] / [B, V] with logits [B, K] / [B, V, K]) send this layer."""
         x = sample.to(logits.dtype)
         if target.is_floating_point():
             return functional.counterfactual_log_ratio(x, weight, logits, target, parent_values=self.values,
                                                        backend=backend)
         return functional.categorical_counterfactual_log_ratio(x, weight, logits, target, parent_values=self.values,
                                                                backend=backend)
+
+    def parent_entropy_delta(self, sample, weight, logits, child_classes=None, backend=None) -> torch.Tensor:
+        """The change [B, out] of a sampled child's entropy when each unit of this layer is set to hi,
+        not lo (Bernoulli children, or softmax ones of ``child_classes`` classes)."""
+        x = sample.to(logits.dtype)
+        if child_classes is None:
+            return functional.counterfactual_entropy_delta(x, weight, logits, parent_values=self.values,
+                                                           backend=backend)
+        return functional.categorical_entropy_delta(x, weight, logits, parent_values=self.values, backend=backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -263,24 +386,31 @@ class CategoricalLinear(_StochasticLinear):
                 return idx
             return F.one_hot(idx, self.num_classes).to(self.weight.dtype).flatten(-2 if self.num_variables > 1 else -1)
 
-    def check_sample(self, sample, logits, name="sample") -> torch.Tensor:
+    def check_sample(self, sample, logits, name="sample", shape=True, values=True) -> torch.Tensor:
         """``sample`` as this layer's sample for ``logits``, after checking its shape and values."""
-        index_shape = logits.shape[:-1]
+        if not isinstance(sample, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(sample).__name__}")
         if self.one_hot:
-            expected = (*logits.shape[:1], self.out_features) if self.num_variables > 1 else tuple(logits.shape)
-            ok = isinstance(sample, torch.Tensor) and tuple(sample.shape) == tuple(expected)
-            if ok:
+            if shape:
+                expected = (logits.shape[0], self.out_features) if self.num_variables > 1 else tuple(logits.shape)
+                if tuple(sample.shape) != tuple(expected):
+                    raise ValueError(f"{name} must be one-hot rows of {self.num_classes} classes, shape {expected}, "
+                                     f"got {tuple(sample.shape)}")
+                if not sample.is_floating_point():
+                    raise TypeError(f"{name} must be a floating one-hot tensor, got {sample.dtype}")
+            if values:
                 groups = sample.reshape(-1, self.num_classes)
-                ok = bool((((groups == 0) | (groups == 1)).all() and (groups.sum(-1) == 1).all()).item())
-            if not ok:
-                raise ValueError(f"{name} must be one-hot rows of {self.num_classes} classes, shape {tuple(expected)}")
-            return sample.to(device=logits.device, dtype=self.weight.dtype)
-        if not isinstance(sample, torch.Tensor) or sample.shape != index_shape or sample.dtype != torch.int64:
-            raise ValueError(f"{name} must be an int64 tensor of shape {tuple(index_shape)}, got "
-                             f"{getattr(sample, 'dtype', '')} {getattr(sample, 'shape', type(sample).__name__)}")
-        if sample.numel() and (sample.min() < 0 or sample.max() >= self.num_classes):
-            raise ValueError(f"{name} must hold class indices in [0, {self.num_classes})")
-        return sample.to(logits.device)
+                validation.require(sample.device, lambda: (((groups == 0) | (groups == 1)).all()
+                                                           & (groups.sum(-1) == 1).all()),
+                                   ValueError(f"{name} must be one-hot rows of {self.num_classes} classes"))
+            return sample if logits is None else sample.to(device=logits.device, dtype=self.weight.dtype)
+        if shape and (sample.shape != logits.shape[:-1] or sample.dtype != torch.int64):
+            raise ValueError(f"{name} must be an int64 tensor of shape {tuple(logits.shape[:-1])}, got "
+                             f"{sample.dtype} {tuple(sample.shape)}")
+        if values and sample.numel():
+            validation.require(sample.device, lambda: ((sample >= 0) & (sample < self.num_classes)).all(),
+                               ValueError(f"{name} must hold class indices in [0, {self.num_classes})"))
+        return sample if logits is None else sample.to(logits.device)
 
     def _one_hot(self, sample, dtype) -> torch.Tensor:
         if self.one_hot:
@@ -304,12 +434,80 @@ class CategoricalLinear(_StochasticLinear):
             return logp.gather(-1, self.classes(sample)).squeeze(-1)
         return logp.gather(-1, self.classes(sample).unsqueeze(-1)).squeeze(-1).sum(-1)
 
-    def child_terms(self, weight, logits, sample):
-        """As a child: one softmax unit per variable (rows of ``weight``, logits [B, K], classes [B])."""
-        classes = self.classes(sample)
+    # ---- what the objective's estimators need (hnca_kernels.objective) ----------------------------
+    def log_prob_units(self, logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """log pi(value | parents) per variable [B, V]; a one-hot value is read as a weighted sum, so
+        a straight-through sample's gradient flows."""
+        logp = F.log_softmax(self._grouped(logits), dim=-1)
+        if self.one_hot:
+            return (self._grouped(value).to(logp.dtype) * logp).sum(-1)
+        return logp.gather(-1, self.classes(value).unsqueeze(-1)).squeeze(-1)
+
+    def entropy_units(self, logits: torch.Tensor) -> torch.Tensor:
+        """The analytic entropy of each variable [B, V] (nats)."""
+        logp = F.log_softmax(self._grouped(logits), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    def entropy_logit_grad(self, logits: torch.Tensor) -> torch.Tensor:
+        """d H / d logits per class [B, V, K]: -pi_k (log pi_k + H)."""
+        logp = F.log_softmax(self._grouped(logits), dim=-1)
+        p = logp.exp()
+        return -p * (logp - (p * logp).sum(-1, keepdim=True))
+
+    def own_values(self, logits: torch.Tensor) -> torch.Tensor:
+        """log pi(variable = k) [B, V, K]: a scored call's own components at every class of its
+        value-parent's variables."""
+        return F.log_softmax(self._grouped(logits), dim=-1)
+
+    def check_value(self, value, logits) -> torch.Tensor:
+        """An observed value's shape and dtype (its values: ``require_values``)."""
+        return self.check_sample(value, logits, "observed=", values=False)
+
+    def require_values(self, value, name="observed=") -> None:
+        self.check_sample(value, None, name, shape=False)
+
+    def _changes(self, sample, groups):
+        """Per variable and class, the groups' change from the draw [B, V, K]."""
+        total = None
+        for change, at_draw, g in groups:
+            delta = change - at_draw.unsqueeze(-1) if g.own else change
+            total = delta if total is None else total + delta
+        return total
+
+    def objective_credit(self, logits, sample, d, weighted, orange, green) -> torch.Tensor:
+        """f-HNCA's learning signal per logit for an objective (hnca_kernels.objective): with
+        pi = softmax(l), post = softmax(l + D) (``d`` = D [B, V, K], None: no sampled children),
+        X(k) = C + O(k) (C = ``weighted`` [B], O the orange components' change at class k) and G the
+        green components' change,
+            signal_m = post_m X(m) - pi_m sum_k post_k X(k) + pi_m (G(m) - sum_k pi_k G(k))."""
         grouped = self._grouped(logits)
-        K = self.num_classes
-        return [(weight[v * K:(v + 1) * K], grouped[:, v], classes[:, v]) for v in range(self.num_variables)]
+        pi = torch.softmax(grouped, -1)
+        signal = None
+        if green:
+            g = self._changes(sample, green)
+            signal = pi * (g - (pi * g).sum(-1, keepdim=True))
+        if d is not None:
+            post = torch.softmax(grouped + d.to(logits.dtype), -1)
+            rho = (post - pi) * weighted.view(-1, 1, 1)
+            if orange:
+                o = self._changes(sample, orange)
+                rho = rho + post * o - pi * (post * o).sum(-1, keepdim=True)
+            signal = rho if signal is None else signal + rho
+        return (signal if signal is not None else torch.zeros_like(pi)).reshape(logits.shape)
+
+    def straight_through(self, logits, estimator, tau) -> torch.Tensor:
+        """An exact one-hot sample whose gradient is a straight-through estimator's."""
+        if not self.one_hot:
+            raise ValueError("a straight-through sample is one-hot: use CategoricalLinear(..., one_hot=True)")
+        y = relaxed.straight_through(self._grouped(logits), estimator, tau)
+        return y.reshape(logits.shape[0], self.out_features)
+
+    def child_view(self, weight, logits, target):
+        """As a child: (weight columns [V*K, n], logits [B, K] or [B, V, K], classes [B] or [B, V], K)."""
+        classes = self.classes(target)
+        if self.num_variables == 1:
+            return weight, logits.reshape(logits.shape[0], self.num_classes), classes.reshape(-1), self.num_classes
+        return weight, self._grouped(logits), classes, self.num_classes
 
     def parent_message(self, sample, weight, logits, target, backend=None) -> torch.Tensor:
         """The log-ratio D [B, V, K] that children with ``weight`` [*, V*K] (this layer's columns),
@@ -317,6 +515,11 @@ class CategoricalLinear(_StochasticLinear):
         if not self.one_hot:
             raise RuntimeError("a CategoricalLinear feeds other layers only with one_hot=True")
         return functional.categorical_parent_log_ratio(self.classes(sample), weight, logits, target, backend=backend)
+
+    def parent_entropy_delta(self, sample, weight, logits, child_classes=None, backend=None) -> torch.Tensor:
+        """The change D [B, V, K] of a sampled child's entropy when variable v is switched to class k."""
+        return functional.categorical_parent_entropy_delta(self.classes(sample), weight, logits,
+                                                           child_classes=child_classes, backend=backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "

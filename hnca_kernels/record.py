@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from . import validation
+from . import relaxed, validation
 from .backends import get_backend
 from .metrics import linear_gradient_square_sum, linear_gradient_variance
 
@@ -103,7 +103,8 @@ class Segment:
 
 @dataclass(eq=False, repr=False)
 class StochasticCall:
-    """One call of a stochastic layer inside a record."""
+    """One call of a stochastic layer inside a record: sampled (the layer drew ``sample``) or scored
+    (``layer(..., observed=value)``: ``sample`` is the given value, a component of the objective)."""
 
     index: int
     layer: nn.Module
@@ -116,11 +117,21 @@ class StochasticCall:
     version: int = 0                               # sample._version when drawn
     weight_version: int = 0                        # layer.weight._version at the call
     feeds_unmodeled: bool = False                  # reaches a later call through other operations
+    observed: bool = False                         # a scored call
+    value_source: "StochasticCall | None" = None   # scored: the sampled call whose sample is the value
+    value_of: list = field(default_factory=list)   # sampled: the scored calls whose value is its sample
+    tainted_by: frozenset = frozenset()            # calls whose samples reach the inputs (or value) otherwise
+
+    @property
+    def parents(self) -> list:
+        """The calls whose samples are among this call's inputs (followed columns), in call order."""
+        return sorted({s.source for s in self.segments if s.source is not None}, key=lambda c: c.index)
 
     def __repr__(self) -> str:
-        parents = sorted({s.source.index for s in self.segments if s.source is not None})
-        return (f"StochasticCall({self.index}: {type(self.layer).__name__}, parents={parents}, "
-                f"children={[c.index for c in self.children]})")
+        kind = "scored" if self.observed else "sampled"
+        value = f", value of {self.value_source.index}" if self.value_source is not None else ""
+        return (f"StochasticCall({self.index}: {type(self.layer).__name__} {kind}, "
+                f"parents={[p.index for p in self.parents]}{value}, children={[c.index for c in self.children]})")
 
 
 class _Watcher(TorchFunctionMode):
@@ -271,14 +282,26 @@ class Record:
 
     Args:
         strict: raise where a unit would fall back to REINFORCE (see ``fallbacks``).
-        replay: samples to use instead of drawing, one per call in call order (tensors of each
-            call's sample shape), to replay a run or enumerate configurations.
+        replay: samples to use instead of drawing, one per sampled call in call order (tensors of
+            each call's sample shape; None: draw that one), to replay a run or enumerate
+            configurations. Scored calls take their given values.
+        relax: ``"gumbel_st"`` or ``"reinmax"``: every sampled call returns a straight-through
+            sample (an exact draw whose gradient is the relaxed one, ``hnca_kernels.relaxed``), for
+            ``elbo_loss(estimator=relax)``; ``tau`` is its temperature.
     """
 
-    def __init__(self, *, strict: bool = False, replay: Sequence[torch.Tensor] | None = None):
+    def __init__(self, *, strict: bool = False, replay: Sequence[torch.Tensor] | None = None,
+                 relax: str | None = None, tau: float = 1.0):
+        if relax is not None:
+            relaxed._check(relax, tau)
+            if replay is not None:
+                raise ValueError("record(relax=...) draws its own relaxed samples: replay= does not apply")
         self.strict = bool(strict)
+        self.relax, self.tau = relax, float(tau)
         self.calls: list[StochasticCall] = []
         self._replay = list(replay) if replay is not None else None
+        self._sampled = 0   # sampled calls so far (the replay's index)
+        self.branch = None  # a partial pass: only calls that depend on this sampled call are computed
         self._columns: dict[int, tuple] = {}  # id(tensor) -> (tensor, segments): samples and their cat/copies
         self._tainted: dict[int, tuple] = {}  # id(tensor) -> (tensor, calls): computed from samples otherwise
         self._state = "new"
@@ -318,31 +341,96 @@ class Record:
         if reason not in call.unmodeled:
             call.unmodeled.append(reason)
 
-    def _replayed(self, layer, logits) -> torch.Tensor | None:
-        if self._replay is None:
-            return None
-        index = len(self.calls)
+    def _upstream_of_branch(self, parts, value) -> bool:
+        """In a partial pass, whether a call is upstream of the branch: it is skipped (a sampled one
+        returns its replayed sample); the branch call itself and every call that depends on it run."""
+        if value is None and self._sampled <= self.branch:
+            return self._sampled < self.branch
+        tensors = (*parts, value) if value is not None else parts
+        return not any(id(t) in self._columns or id(t) in self._tainted for t in tensors)
+
+    def _skip(self, value):
+        if value is not None:
+            return value
+        if not self._replays_next():
+            raise ValueError(f"a partial pass replays every sampled call its branch does not reach; "
+                             f"sampled call {self._sampled} has no sample")
+        sample = self._replay[self._sampled]
+        self._sampled += 1
+        return sample
+
+    def _replays_next(self) -> bool:
+        """Whether the next sampled call takes a replayed sample (else it draws)."""
+        index = self._sampled
         if index >= len(self._replay):
-            raise ValueError(f"record(replay=...) holds {len(self._replay)} samples but call {index} needs one")
+            raise ValueError(f"record(replay=...) holds {len(self._replay)} samples but sampled call {index} needs one")
+        return self._replay[index] is not None
+
+    def _replayed(self, layer, logits) -> torch.Tensor:
+        index = self._sampled
         return layer.check_sample(self._replay[index], logits, f"replay[{index}]")
 
-    def _register(self, layer, parts, inputs, logits, sample) -> None:
+    def _register(self, layer, parts, inputs, logits, sample, observed=None) -> None:
         segments = _concatenated(self, parts)
         compiling = torch.compiler.is_compiling()  # _version is not traceable
         call = StochasticCall(len(self.calls), layer, inputs, segments, logits, sample,
                               version=0 if compiling else sample._version,
-                              weight_version=0 if compiling else layer.weight._version)
+                              weight_version=0 if compiling else layer.weight._version,
+                              observed=observed is not None)
         for source in {s.source for s in segments if s.source is not None}:
             source.children.append(call)
+        tainted = set()
         for part in parts:  # inputs computed from samples by operations the record cannot follow
             for source in self._tainted.get(id(part), (None, ()))[1]:
+                tainted.add(source)
                 source.feeds_unmodeled = True
                 self._unmodeled(source, f"its sample reaches call {call.index} ({type(layer).__name__}) through "
                                         "operations the record cannot follow")
+        if observed is None:
+            self._sampled += 1
+            self._columns[id(sample)] = (sample, (Segment(0, sample.shape[-1], call),))
+        else:
+            self._register_value(call, observed, tainted)
+        call.tainted_by = frozenset(tainted)
         self.calls.append(call)
-        self._columns[id(sample)] = (sample, (Segment(0, sample.shape[-1], call),))
+
+    def _register_value(self, call: StochasticCall, value: torch.Tensor, tainted: set) -> None:
+        """A scored call's value: data, a sampled call's sample (its value-parent), or something the
+        record cannot follow (its sources then fall back)."""
+        layer = call.layer
+        known = self._columns.get(id(value))
+        if known is not None and len(known[1]) == 1 and known[1][0].source is not None \
+                and (known[1][0].start, known[1][0].stop) == (0, value.shape[-1]):
+            source = known[1][0].source
+            if _same_kind(source.layer, layer):
+                call.value_source = source
+                source.value_of.append(call)
+                if source in call.parents:  # its own component moves with its inputs: no one message
+                    self._unmodeled(source, f"call {call.index} scores its sample given the sample itself")
+                return
+            raise ValueError(f"call {call.index} ({type(layer).__name__}) scores the sample of call {source.index} "
+                             f"({type(source.layer).__name__}), a different kind of unit: a value-parent must have the "
+                             "scoring layer's units (the same Bernoulli values, or the same variables and classes)")
+        sources = set(self._tainted.get(id(value), (None, ()))[1])
+        if known is not None:
+            sources |= {s.source for s in known[1] if s.source is not None}
+        for source in sources:
+            tainted.add(source)
+            self._unmodeled(source, f"its sample reaches the value of call {call.index} ({type(layer).__name__}) "
+                                    "through operations the record cannot follow")
+        layer.require_values(call.sample)
 
     # ---------------------------------------------------------------- estimators
+    @property
+    def sampled_calls(self) -> list:
+        """The calls that drew their sample (the units an estimator trains)."""
+        return [c for c in self.calls if not c.observed]
+
+    @property
+    def scored_calls(self) -> list:
+        """The calls made with ``observed=``: the objective's components (``elbo``)."""
+        return [c for c in self.calls if c.observed]
+
     @property
     def fallbacks(self) -> dict:
         """{call: reasons} for the calls HNCA cannot credit (they get REINFORCE)."""
@@ -375,7 +463,7 @@ class Record:
         self._check_usable()
         incoming: list = [None] * len(self.calls)
         with torch.no_grad():
-            for child in self.calls:
+            for child in self.sampled_calls:
                 for parent, columns in _parents_of(child).items():
                     message = _message(parent, child, columns, backend)
                     incoming[parent.index] = message if incoming[parent.index] is None else incoming[parent.index] + message
@@ -399,16 +487,13 @@ class Record:
         """
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-        self._check_usable()
-        batch = self.calls[0].logits.shape[0]
-        for c in self.calls:
-            if c.logits.shape[0] != batch:
-                raise ValueError(f"every recorded call must hold the same batch: call 0 has {batch} examples, "
-                                 f"call {c.index} has {c.logits.shape[0]}")
-        if batch == 0:
-            raise ValueError("the recorded batch is empty (B = 0): there is no reward to estimate from")
+        if self.relax is not None:
+            raise ValueError(f"a record(relax={self.relax!r}) is for elbo_loss(estimator={self.relax!r}): a reward has "
+                             "no gradient to pass through the relaxed samples")
+        batch = self._batch()
+        sampled = self.sampled_calls
         for t in outputs:
-            found = [c for c in self.calls if c.sample is t]
+            found = [c for c in sampled if c.sample is t]
             if not found:
                 raise ValueError("outputs= must hold samples of calls in this record (the tensors the layers returned)")
             for call in found:
@@ -419,26 +504,69 @@ class Record:
         d = self.log_ratios(backend) if estimator == "hnca" else [None] * len(self.calls)
         with torch.no_grad():
             scores = []
-            for call, message in zip(self.calls, d):
-                logits = call.logits.detach()
-                if message is not None and not call.unmodeled:
+            for call in sampled:
+                logits, message = call.logits.detach(), d[call.index]
+                # a sample scored by a call (an input or the value of layer(..., observed=)) reaches
+                # the reward only if the reward reads those log-probabilities: a path HNCA's reward
+                # messages do not follow
+                scored = any(c.observed for c in call.children) or call.value_of
+                if message is not None and not call.unmodeled and not scored:
                     score = call.layer.credit(logits, message, backend)
                 else:
                     score = call.layer.score(logits, call.sample)
                 scores.append(score.mul_(signal.to(score.dtype).view(-1, *([1] * (score.dim() - 1)))))
             mean_reward = reward.detach().to(scores[-1].dtype).mean()
-        self._scores = scores
+        self._scores = list(zip(sampled, scores))
         if estimator == "hnca" and not torch.compiler.is_compiling():
             _warn_fallbacks(self)
-        return _SurrogateLoss.apply(mean_reward, tuple(scores), *(c.logits for c in self.calls))
+        return _SurrogateLoss.apply(mean_reward, tuple(scores), *(c.logits for c in sampled))
+
+    def _batch(self, estimate: bool = True) -> int:
+        """The batch every call holds, after the checks every estimator needs (``estimate``: also
+        that the forward ran with gradients)."""
+        if estimate:
+            self._check_usable()
+        elif self._state != "closed" or not self.calls:
+            self._check_usable()
+        batch = self.calls[0].logits.shape[0]
+        for c in self.calls:
+            if c.logits.shape[0] != batch:
+                raise ValueError(f"every recorded call must hold the same batch: call 0 has {batch} examples, "
+                                 f"call {c.index} has {c.logits.shape[0]}")
+        if batch == 0:
+            raise ValueError("the recorded batch is empty (B = 0): there is nothing to estimate from")
+        return batch
+
+    def elbo(self) -> torch.Tensor:
+        """The objective per example [B], f = sum of the scored calls' log-probabilities of their
+        values + sum of the sampled calls' analytic entropies (paper Eq. 7; for a VAE the ELBO), with
+        autograd history (exact in the scored layers' parameters and in the entropies)."""
+        from .objective import objective
+
+        self._batch(estimate=False)
+        if not self.scored_calls:
+            raise RuntimeError("the record holds no scored call (layer(..., observed=value)): the objective is "
+                               "the sum of their log-probabilities and the sampled calls' entropies")
+        return objective(self)
+
+    def elbo_loss(self, estimator: str = "hnca", baseline=None, backend: str | None = None, **ablations):
+        """A scalar equal to -mean ``elbo()`` whose ``.backward()`` writes the estimate of
+        -grad E[f] into every ``.grad``: f-HNCA (``"hnca"``) or REINFORCE with each call's downstream
+        sum (``"reinforce"``) for the sampled calls, exact autograd for the scored calls' parameters;
+        ``"gumbel_st"``/``"reinmax"`` for a ``record(relax=...)`` (biased). See
+        ``hnca_kernels.objective.elbo_loss`` for the arguments."""
+        from .objective import elbo_loss
+
+        return elbo_loss(self, estimator, baseline=baseline, backend=backend, **ablations)
 
     def _by_layer(self):
         """Per layer (a layer called several times is one set of parameters): its calls' inputs,
         their logit gradients of the last ``surrogate_loss`` [B, outputs], and whether it has a bias."""
         if self._scores is None:
-            raise RuntimeError("gradient statistics need a surrogate_loss call first")
+            raise RuntimeError("gradient statistics need a surrogate_loss or elbo_loss call first")
+        scores = self._scores() if callable(self._scores) else self._scores
         by_layer: dict = {}
-        for call, score in zip(self.calls, self._scores):
+        for call, score in scores:
             inputs, grads, _ = by_layer.setdefault(id(call.layer), ([], [], call.layer.bias is not None))
             inputs.append(call.inputs)
             grads.append(score.flatten(1))
@@ -474,7 +602,7 @@ class Record:
 def _warn_fallbacks(rec: Record) -> None:
     """Say once per distinct structure which units HNCA could not credit (they got REINFORCE)."""
     reasons = [f"call {c.index} ({type(c.layer).__name__}): {'; '.join(c.unmodeled)}"
-               for c in rec.calls if c.unmodeled and (c.children or c.feeds_unmodeled)]
+               for c in rec.sampled_calls if c.unmodeled and (c.children or c.feeds_unmodeled or c.value_of)]
     if reasons:
         warnings.warn("hnca: these units get REINFORCE instead of HNCA (unbiased, more variance): "
                       + " | ".join(reasons) + " (see Record.fallbacks)", stacklevel=3)
@@ -489,31 +617,51 @@ def _parents_of(child: StochasticCall) -> dict:
     return parents
 
 
-def _message(parent: StochasticCall, child: StochasticCall, columns, backend) -> torch.Tensor:
-    """The log-ratio the child call sends the parent call, through the child's weight columns that
-    take the parent's sample (summed when the child takes it more than once)."""
-    logits = child.logits.detach()
+def _columns_of(parent: StochasticCall, child: StochasticCall, columns, dtype) -> torch.Tensor:
+    """The child's weight columns that take the parent's sample (summed where it takes it twice)."""
     weight = child.layer.weight.detach()
     start, stop = columns[0]
     cols = weight[:, start:stop]
     for start, stop in columns[1:]:
         cols = cols + weight[:, start:stop]
-    cols = cols.to(logits.dtype)  # under autocast the logits can be in a lower precision
-    total = None
-    for w, l, target in child.layer.child_terms(cols, logits, child.sample):
-        m = parent.layer.parent_message(parent.sample, w, l, target, backend)
-        total = m if total is None else total + m
-    return total
+    return cols.to(dtype)  # under autocast the logits can be in a lower precision
 
 
-def record(*, strict: bool = False, replay: Sequence[torch.Tensor] | None = None) -> Record:
+def _message(parent: StochasticCall, child: StochasticCall, columns, backend, target=None) -> torch.Tensor:
+    """The log-ratio the child call sends the parent call at ``target`` (default: the child's
+    sample, or a scored child's value), through the child's weight columns of the parent's sample."""
+    logits = child.logits.detach()
+    w, l, y, _ = child.layer.child_view(_columns_of(parent, child, columns, logits.dtype), logits,
+                                       child.sample if target is None else target)
+    return parent.layer.parent_message(parent.sample, w, l, y, backend)
+
+
+def _entropy_message(parent: StochasticCall, child: StochasticCall, columns, backend) -> torch.Tensor:
+    """The change of a sampled child's entropy when the parent's units switch (f-HNCA's green term)."""
+    logits = child.logits.detach()
+    w, l, _, classes = child.layer.child_view(_columns_of(parent, child, columns, logits.dtype), logits,
+                                             child.sample)
+    return parent.layer.parent_entropy_delta(parent.sample, w, l, classes, backend)
+
+
+def record(*, strict: bool = False, replay: Sequence[torch.Tensor] | None = None, relax: str | None = None,
+           tau: float = 1.0) -> Record:
     """Record the stochastic layer calls of a forward pass; see ``hnca_kernels.record`` (module docs).
 
     >>> with hnca_kernels.record() as rec:
     ...     action = model(x)
     >>> rec.surrogate_loss((action == label).float(), baseline=b).backward()
     """
-    return Record(strict=strict, replay=replay)
+    return Record(strict=strict, replay=replay, relax=relax, tau=tau)
+
+
+def _same_kind(a: nn.Module, b: nn.Module) -> bool:
+    """Whether a sample of layer ``a`` is a value of layer ``b`` unit by unit."""
+    if type(a) is not type(b):
+        return False
+    if hasattr(a, "values"):
+        return a.values == b.values and a.out_features == b.out_features
+    return (a.num_variables, a.num_classes, a.one_hot) == (b.num_variables, b.num_classes, b.one_hot)
 
 
 def _unwatched(records: tuple):

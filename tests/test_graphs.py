@@ -43,7 +43,7 @@ def vae_step(vae, estimator):
     def step(x):
         estimate = vae.estimate(x, estimator)
         estimate.loss.backward()
-        variance, _ = estimate.gradient_variance(as_tensor=True)
+        variance = estimate.gradient_variance(as_tensor=True)
         return estimate.elbo.sum(), variance
     return step
 

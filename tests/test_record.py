@@ -161,7 +161,7 @@ def test_replay_checks_its_samples():
     with pytest.raises(ValueError, match=r"replay\[0\] must hold only"):
         with record(replay=[torch.full((4, 2), 0.5)]):
             layer(x)
-    with pytest.raises(ValueError, match="holds 1 samples but call 1"):
+    with pytest.raises(ValueError, match="holds 1 samples but sampled call 1"):
         with record(replay=[torch.zeros(4, 2)]):
             layer(x), layer(x)
     with pytest.raises(ValueError, match="one-hot rows"):

@@ -55,14 +55,29 @@ def rows(x, per_example_configs):
     return xs, n, c
 
 
+def evaluate(vae, x, latents):
+    """(log q(latents | x) [B], f_E [B], the record) of one replayed pass, with autograd."""
+    rec = vae.forward_pass(x, latents)
+    log_q = sum(c.layer.log_prob(c.logits, c.sample) for c in rec.sampled_calls)
+    return log_q, rec.elbo(), rec
+
+
+def component(rec, layer):
+    """The summed components [B] of the call of ``layer`` (a log-probability or an entropy)."""
+    (call,) = [c for c in rec.calls if c.layer is layer]
+    per_unit = call.layer.log_prob_units(call.logits, call.sample) if call.observed else \
+        call.layer.entropy_units(call.logits)
+    return per_unit.sum(-1)
+
+
 def exact_gradient(vae, x):
     """grad of mean_n E_q[f_E(x_n, z)] by enumerating z (autograd through q and f_E)."""
     vae.zero_grad()
     zs = configs(vae.num_layers)
     xs, n, c = rows(x, zs)
     latents = [torch.stack([z[k] for z in zs]).repeat(n, 1) for k in range(vae.num_layers)]
-    p = vae._evaluate(xs, latents)
-    (p.log_q().exp() * p.f_e()).sum().div(n).backward()
+    log_q, f, _ = evaluate(vae, xs, latents)
+    (log_q.exp() * f).sum().div(n).backward()
     return {name: q.grad.clone() for name, q in vae.named_parameters()}
 
 
@@ -154,7 +169,7 @@ def test_score_estimators_unbiased(layers, estimator):
     vae, x = make_vae(layers), make_x()
     set_baselines(vae)  # a nonzero baseline state: still unbiased
     truth = exact_gradient(vae, x)
-    assert max(t.abs().max() for t in truth.values()) > 1e-2  # the test can see a wrong gradient
+    assert max(t.abs().max() for t in truth.values() if t.numel()) > 1e-2  # the test can see a wrong gradient
     mean = expected_estimate(vae, x, estimator)
     for name in truth:
         torch.testing.assert_close(mean[name], truth[name], rtol=0, atol=1e-9, msg=f"{estimator}: {name}")
@@ -209,9 +224,9 @@ def test_rho_direct_baseline_tracks_what_rho_weighs():
         vae = make_vae(2, rho_direct=True, direct_in_baseline=flag)
         vae.baselines[0].decay = 0.0  # the baseline becomes the last batch's mean
         vae.elbo_loss(x, "hnca_baseline", latents=z)
-        p = vae._evaluate(x, z)
-        mediated = (p.logp[1].sum(-1) + p.logp[2].sum(-1)).mean()
-        direct = (p.logp[0].sum(-1) + p.ent[1]).mean()
+        _, _, rec = evaluate(vae, x, z)
+        mediated = (component(rec, vae.decoder[1]) + component(rec, vae.prior)).mean()
+        direct = (component(rec, vae.decoder[0]) + component(rec, vae.encoder[1])).mean()
         tracked[flag] = (vae.baselines[0].value.item(), mediated.item(), direct.item())
     value, mediated, direct = tracked[True]
     assert value == pytest.approx(mediated + direct, rel=1e-12)
@@ -250,8 +265,7 @@ def test_no_batch_on_the_model_after_a_step():
     torch.save(vae, empty)
     estimate = vae.estimate(x, "hnca_baseline")
     estimate.loss.backward()
-    total, count = estimate.gradient_variance()
-    assert total > 0 and count == sum(p.numel() for p in vae.encoder.parameters())
+    assert estimate.gradient_variance() > 0
     saved = io.BytesIO()
     torch.save(copy.deepcopy(vae), saved)
     assert len(saved.getvalue()) < len(empty.getvalue()) + 8192  # grads only
@@ -310,8 +324,8 @@ def test_elbo_loss_value_and_batch_mean():
     vae, x = make_vae(2), make_x(3)
     z = vae.sample_latents(x)
     loss = vae.elbo_loss(x, "hnca", latents=z)
-    p = vae._evaluate(x, z)
-    torch.testing.assert_close(loss, -p.f_e().mean().detach())
+    _, f, _ = evaluate(vae, x, z)
+    torch.testing.assert_close(loss, -f.mean().detach())
     loss.backward()
     assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in vae.parameters())
 
@@ -330,7 +344,7 @@ def test_forward_pass_then_estimate_is_the_step(estimator):
         torch.manual_seed(5)
         split.zero_grad()
         p = split.forward_pass(x)
-        assert p.enc_logits[0].requires_grad  # the forward half runs with autograd
+        assert p.calls[0].logits.requires_grad  # the forward half runs with autograd
         split.estimate(x, estimator, forward=p).loss.backward()
     for (name, a), b in zip(vae.named_parameters(), split.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
@@ -502,7 +516,7 @@ def test_disarm_pair_has_the_antithetic_law():
     # the sampler behind the enumerated law of test_branched_estimators_unbiased
     vae = make_vae(1)
     logits = torch.tensor([[-1.3, 0.0, 0.4, 2.5]], dtype=DT).expand(200000, -1)
-    a, b = vae._draw_pair(logits, "disarm")
+    a, b = vae._draw_pair(vae.encoder[0], logits, "disarm")
     p = torch.sigmoid(logits[0])
     law = {(1, 1): (2 * p - 1).clamp_min(0), (1, 0): torch.minimum(p, 1 - p),
            (0, 1): torch.minimum(p, 1 - p), (0, 0): (1 - 2 * p).clamp_min(0)}

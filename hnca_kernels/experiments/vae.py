@@ -184,8 +184,7 @@ def _step(vae: BernoulliVAE, opt, estimator: str, world: World | None = None, fo
             estimate.loss.backward()
             finite = common.finite_flag(estimate.loss, vae.parameters())
             opt.step()
-            total, count = estimate.gradient_variance(as_tensor=True)
-            return estimate.elbo.sum(), total / count, finite
+            return estimate.elbo.sum(), estimate.gradient_variance(as_tensor=True), finite
         return step
 
     def shared_step(x, weight):
@@ -243,8 +242,7 @@ def _eager_epoch(args, vae, opt, guard, x_epoch, bar, epoch, saved, world: World
         elbo_sum += -value * x.shape[0]
         seen += x.shape[0]
         if not world.distributed:
-            total, count = estimate.gradient_variance()
-            var_sum += total / count
+            var_sum += estimate.gradient_variance()
         batches += 1
         if step % 20 == 0:
             bar.set_postfix(elbo=f"{elbo_sum / seen:.2f}")
