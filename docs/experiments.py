@@ -41,6 +41,12 @@ STRAIGHT_THROUGH = ("gumbel_st", "reinmax")
 PAPER_RATE = "1e-4"
 SWEEP_RATES = ("1e-4", "3e-4", "1e-3")
 SWEEP_EPOCHS = 20
+# The categorical VAE (20 x 10 one-hot latents, one layer): the paper-rate comparison, and each
+# estimator at the rate the Bernoulli sweep found best for it (LOO at DisARM's, the closest one).
+CATEGORICAL = ("--latent", "categorical", "--variables", "20", "--classes", "10")
+CATEGORICAL_PAPER = ("hnca", "reinforce_loo", "reinforce_baseline")
+CATEGORICAL_RATED = {"hnca": "hnca_baseline", "reinforce_loo": "disarm", "gumbel_st": "gumbel_st",
+                     "reinmax": "reinmax"}
 
 
 @dataclass(frozen=True)
@@ -61,10 +67,10 @@ class Cell:
         return argv
 
 
-def _vae(layers, estimator, seed=0, extra=(), tag="", epochs=VAE_EPOCHS, rate=PAPER_RATE) -> Cell:
+def _vae(layers, estimator, seed=0, extra=(), tag="", epochs=VAE_EPOCHS, rate=PAPER_RATE, prefix="") -> Cell:
     if rate != PAPER_RATE:
         tag, extra = f"{tag}-lr{rate}", (*extra, "--lr", rate)
-    name = f"vae/L{layers}-{estimator}{tag}-s{seed}"
+    name = f"vae/{prefix}L{layers}-{estimator}{tag}-s{seed}"
     return Cell(name, "vae", epochs, ("--layers", str(layers), "--estimator", estimator, "--seed", str(seed),
                                       "--test-every", "50", *extra))
 
@@ -114,7 +120,14 @@ def comparison_cells(runs: Path | None) -> list[Cell]:
     st = better_straight_through(runs, best)
     if "hnca_baseline" in best and st is not None:
         out += [_vae(2, e, seed, rate=best[e]) for seed in (1, 2) for e in ("hnca_baseline", st)]
+    out += [_vae(1, e, extra=CATEGORICAL, prefix="cat20x10-", rate=best[of])
+            for e, of in CATEGORICAL_RATED.items() if of in best]
     return out
+
+
+def categorical_cells() -> list[Cell]:
+    """The categorical VAE at the paper's rate."""
+    return [_vae(1, e, extra=CATEGORICAL, prefix="cat20x10-") for e in CATEGORICAL_PAPER]
 
 
 def cells(runs: Path | None = None) -> list[Cell]:
@@ -139,6 +152,7 @@ def cells(runs: Path | None = None) -> list[Cell]:
         for estimator in ("hnca_baseline", "reinforce_loo", "disarm"):
             out.append(vae(2, estimator, seed))
     out.append(vae(2, "hnca_baseline", extra=("--rho-direct",), tag="-rho_direct"))  # Appendix K
+    out += categorical_cells()
     out += comparison_cells(runs)
     longest: dict = {}
     for cell in out:

@@ -102,8 +102,10 @@ class _StochasticLinear(nn.Module):
         Inside ``hnca_kernels.record()`` the call is recorded (inputs [B, features] there).
         """
         records = active_records()
-        if records and records[-1].branch is not None and records[-1]._upstream_of_branch(inputs, observed):
-            return records[-1]._skip(observed)  # a partial pass: nothing of this call is needed
+        if records and records[-1].branch is not None:  # a partial pass (DiscreteVAE's LOO and DisARM)
+            position = records[-1]._branch_position(inputs, observed)
+            if position != "downstream":
+                return records[-1]._branch_call(self, inputs, observed, position)
         if observed is not None:
             return self._score_call(inputs, observed, records)
         if not records:
@@ -206,13 +208,17 @@ class BernoulliLinear(_StochasticLinear):
         if not isinstance(sample, torch.Tensor) or sample.shape != logits.shape:
             raise ValueError(f"{name} must be a tensor of shape {tuple(logits.shape)}, got "
                              f"{getattr(sample, 'shape', type(sample).__name__)}")
-        if not ((sample == lo) | (sample == hi)).all():
-            raise ValueError(f"{name} must hold only {(lo, hi)}")
+        validation.require(sample.device, lambda: ((sample == lo) | (sample == hi)).all(),
+                           ValueError(f"{name} must hold only {(lo, hi)}"))
         return sample.to(device=logits.device, dtype=self.weight.dtype)
+
+    def indicator(self, sample: torch.Tensor, dtype) -> torch.Tensor:
+        """[sample fired] per unit, as ``dtype``."""
+        return (sample > 0).to(dtype)
 
     def score(self, logits: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """d log pi(sample) / d logits = [sample fired] - sigmoid(logits)."""
-        return (sample > 0).to(logits.dtype) - torch.sigmoid(logits)
+        return self.indicator(sample, logits.dtype) - torch.sigmoid(logits)
 
     def credit(self, logits: torch.Tensor, d: torch.Tensor, backend=None) -> torch.Tensor:
         """HNCA's signal per logit, p(1-p)(rho1 - rho0) = sigmoid(l + d) - sigmoid(l), from the
@@ -261,19 +267,18 @@ class BernoulliLinear(_StochasticLinear):
         validation.require(value.device, lambda: ((value == lo) | (value == hi)).all(),
                            ValueError(f"{name} must hold only {(lo, hi)} (binarize the data first)"))
 
-    def _changes(self, sample, groups):
-        """Per unit, the groups' change at hi and at lo from the draw, each [B, out]: a message
-        (the change from lo to hi) moves one of them; an own component is known at both values."""
-        fired = sample == self.values[1]
-        up = down = None
+    @staticmethod
+    def _sums(groups):
+        """(sum of the messages [B, out], of the own components at hi and at lo from the draw)."""
+        fed = own_hi = own_lo = None
         for change, at_draw, g in groups:
             if g.own:
                 o_hi, o_lo = change
-                u, d = o_hi - at_draw, o_lo - at_draw
+                own_hi = o_hi - at_draw if own_hi is None else own_hi + (o_hi - at_draw)
+                own_lo = o_lo - at_draw if own_lo is None else own_lo + (o_lo - at_draw)
             else:
-                u, d = torch.where(fired, 0.0, change), torch.where(fired, -change, 0.0)
-            up, down = (u, d) if up is None else (up + u, down + d)
-        return up, down
+                fed = change if fed is None else fed + change
+        return fed, own_hi, own_lo
 
     def objective_credit(self, logits, sample, d, weighted, orange, green) -> torch.Tensor:
         """f-HNCA's learning signal per logit for an objective (hnca_kernels.objective):
@@ -281,19 +286,22 @@ class BernoulliLinear(_StochasticLinear):
         log-ratio ``d`` (None: no sampled children), C = ``weighted`` [B] (the components through
         the children, minus the baseline), up/down the orange components' change at hi/lo. Written
         with bounded products: credit(l, d) C + sigmoid(-l) sigmoid(l + d) up - sigmoid(l) sigmoid(-l - d) down."""
-        var = torch.sigmoid(logits) * torch.sigmoid(-logits)
-        signal = None
+        p, q = torch.sigmoid(logits), torch.sigmoid(-logits)
+        signal = torch.zeros_like(logits)
         if green:
-            up, down = self._changes(sample, green)
-            signal = var * (up - down)
+            fed, own_hi, own_lo = self._sums(green)
+            change = fed if own_hi is None else (own_hi - own_lo if fed is None else fed + (own_hi - own_lo))
+            signal = signal + p * q * change
         if d is not None:
-            rho = hnca_logit_credit(logits, d) * weighted.unsqueeze(-1)
+            signal = signal + hnca_logit_credit(logits, d) * weighted.unsqueeze(-1)
             if orange:
-                up, down = self._changes(sample, orange)
-                rho = rho + torch.sigmoid(-logits) * torch.sigmoid(logits + d) * up \
-                    - torch.sigmoid(logits) * torch.sigmoid(-logits - d) * down
-            signal = rho if signal is None else signal + rho
-        return signal if signal is not None else torch.zeros_like(logits)
+                fed, up, down = self._sums(orange)
+                if fed is not None:  # a message moves the value the unit does not have
+                    fired = (sample == self.values[1]).to(logits.dtype)
+                    up = fed - fed * fired if up is None else up + (fed - fed * fired)
+                    down = -fed * fired if down is None else down - fed * fired
+                signal = signal + q * torch.sigmoid(logits + d) * up - p * torch.sigmoid(-logits - d) * down
+        return signal
 
     def straight_through(self, logits, estimator, tau) -> torch.Tensor:
         """An exact sample whose gradient is a straight-through estimator's (``hnca_kernels.relaxed``)."""
@@ -416,6 +424,10 @@ class CategoricalLinear(_StochasticLinear):
         if self.one_hot:
             return sample.to(dtype)
         return F.one_hot(sample, self.num_classes).to(dtype)
+
+    def indicator(self, sample: torch.Tensor, dtype) -> torch.Tensor:
+        """onehot(sample) [B, V * K] (or [B, K]), as ``dtype``."""
+        return self._one_hot(sample, dtype).reshape(sample.shape[0], -1)
 
     def score(self, logits: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """d log pi(sample) / d logits = onehot(sample) - softmax(logits)."""

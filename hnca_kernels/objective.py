@@ -213,7 +213,7 @@ def _hnca_signal(rec, graph, c, components, values, total, baseline, backend, rh
     for g in groups:
         k = g.call
         if g.own:
-            change, at_draw = _own_change(c, k)
+            change, at_draw = k.layer.own_values(k.logits.detach()), components[k.index].detach()
         elif k.observed:
             change, at_draw = _message(c, k, _parents_of(k)[c], backend), values[k.index]
         else:  # a sampled child's entropy
@@ -234,14 +234,6 @@ def _hnca_signal(rec, graph, c, components, values, total, baseline, backend, rh
         weighted = weighted - baseline.value.to(weighted)
     signal = layer.objective_credit(logits, c.sample, rho, weighted, orange, green)
     return signal, tracked
-
-
-def _own_change(c, k):
-    """Unit j's own component in scored call k (whose value is c's sample), at every value of the
-    unit: Bernoulli (o(hi), o(lo)) [B, out]; categorical log pi [B, V, K]. And at the draw."""
-    logits = k.logits.detach()
-    drawn = k.layer.log_prob_units(logits, k.sample)
-    return k.layer.own_values(logits), drawn
 
 
 def _direct_only(layer, logits, sample, groups):
@@ -286,6 +278,10 @@ def elbo_loss(rec, estimator: str = "hnca", baseline=None, backend: str | None =
     """
     terms = elbo_terms(rec, estimator, baseline, backend, rho_direct=rho_direct, upstream=upstream,
                        direct_in_baseline=direct_in_baseline)
+    if estimator == "hnca" and not torch.compiler.is_compiling():
+        from .record import _warn_fallbacks
+
+        _warn_fallbacks(rec)
     return finish_loss(rec, terms)
 
 

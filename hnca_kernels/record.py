@@ -341,22 +341,26 @@ class Record:
         if reason not in call.unmodeled:
             call.unmodeled.append(reason)
 
-    def _upstream_of_branch(self, parts, value) -> bool:
-        """In a partial pass, whether a call is upstream of the branch: it is skipped (a sampled one
-        returns its replayed sample); the branch call itself and every call that depends on it run."""
+    def _branch_position(self, parts, value) -> str:
+        """In a partial pass from sampled call ``branch``: "upstream" (skipped: a sampled call returns
+        its replayed sample), "branch" (the call itself: its replayed sample, nothing computed) or
+        "downstream" (it depends on the branch: it runs as usual)."""
         if value is None and self._sampled <= self.branch:
-            return self._sampled < self.branch
+            return "upstream" if self._sampled < self.branch else "branch"
         tensors = (*parts, value) if value is not None else parts
-        return not any(id(t) in self._columns or id(t) in self._tainted for t in tensors)
+        return "downstream" if any(id(t) in self._columns or id(t) in self._tainted for t in tensors) else "upstream"
 
-    def _skip(self, value):
+    def _branch_call(self, layer, parts, value, position):
         if value is not None:
             return value
         if not self._replays_next():
             raise ValueError(f"a partial pass replays every sampled call its branch does not reach; "
                              f"sampled call {self._sampled} has no sample")
         sample = self._replay[self._sampled]
-        self._sampled += 1
+        if position == "branch":  # registered (later calls depend on it) without logits: only its sample is used
+            self._register(layer, (), None, None, sample)
+        else:
+            self._sampled += 1
         return sample
 
     def _replays_next(self) -> bool:

@@ -39,7 +39,7 @@ def configurations(model, x):
     """Every joint configuration of the calls model(x[:1]) makes: lists of samples [1, ...]."""
     with record() as rec:
         model(x[:1])
-    per_call = [_call_values(c) for c in rec.calls]
+    per_call = [_call_values(c) for c in rec.sampled_calls]  # scored calls keep their given values
     for combo in itertools.product(*per_call):
         yield list(combo)
 
@@ -53,7 +53,8 @@ def replayed(model, x, samples):
 
 
 def log_prob(rec) -> torch.Tensor:
-    return sum(c.layer.log_prob(c.logits, c.sample) for c in rec.calls)
+    """log q of the sampled calls' samples [B]."""
+    return sum(c.layer.log_prob(c.logits, c.sample) for c in rec.sampled_calls)
 
 
 def exact_gradient(model, params, x, reward_fn):
@@ -170,3 +171,50 @@ def estimator_mean_batched(model, params, x, reward_fn, estimator, baseline=0.0,
     rec.surrogate_loss(weight * reward_fn(rec, out, rows).detach(), estimator=estimator, baseline=weight * b,
                        backend=backend, **kwargs).backward()
     return [-p.grad if p.grad is not None else torch.zeros_like(p) for p in params], rec
+
+
+
+# ---- objectives: E_q[f] for a recorded model whose scored calls define f ---------------------------
+
+def objective_exact_gradient(model, params, x):
+    """grad of mean_n E_q[f(x_n, z)] by enumerating the sampled calls (autograd through q and f)."""
+    xs, samples, _, _ = batched_rows(model, x)
+    for p in params:
+        p.grad = None
+    with record(replay=samples()) as rec:
+        model(xs)
+    (log_prob(rec).exp() * rec.elbo()).sum().div(x.shape[0]).backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def objective_moments(model, params, x, estimator, baselines=None, **ablations):
+    """The estimator's exact mean over the batch (per parameter), the record, and per example the
+    elementwise variance of the per-example estimate over each sampled layer's [weight | bias]
+    (a dict layer -> [N, out, in + 1]; a layer called more than once sums its calls)."""
+    from hnca_kernels.objective import elbo_terms
+
+    xs, samples, rows, count = batched_rows(model, x)
+    for p in params:
+        p.grad = None
+    with record(replay=samples()) as rec:
+        model(xs)
+    weight = log_prob(rec).exp().detach()
+    terms = elbo_terms(rec, estimator, baselines, **ablations)
+    surrogate = terms.f
+    for c, s in terms.signals:
+        surrogate = surrogate + (c.logits * s).reshape(s.shape[0], -1).sum(-1)
+    (weight * surrogate).sum().div(x.shape[0]).backward()
+    mean = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    per_layer = {}
+    for c, s in terms.signals:  # per row: (signal + dH/dl) outer [inputs, 1]
+        g = (s + c.layer.entropy_logit_grad(c.logits.detach()).reshape(s.shape)).reshape(s.shape[0], -1)
+        ones = c.inputs.new_ones(c.inputs.shape[0], 1)
+        row_grad = g.unsqueeze(-1) * torch.cat([c.inputs.detach(), ones], -1).unsqueeze(1)
+        per_layer[c.layer] = per_layer.get(c.layer, 0) + row_grad
+    variance = {}
+    for layer, g in per_layer.items():
+        w = weight.view(x.shape[0], count, 1, 1)
+        g = g.view(x.shape[0], count, *g.shape[1:])
+        first, second = (w * g).sum(1), (w * g * g).sum(1)
+        variance[layer] = second - first * first
+    return mean, rec, variance

@@ -142,7 +142,7 @@ def _cases(t: Path, vae: Path, bandit: Path, locked: Path):
         ("plot: not a directory", ["plot", str(t / "nothing"), "-o", str(t / "p.png")], None, 1,
          f"hnca plot: {t / 'nothing'}: not a run directory"),
         ("vae: diverging --lr 1e36", [*VAE, "--lr", "1e36", "--epochs", "2", "--out", str(t / "diverged")], None, 1,
-         "hnca vae: non-finite loss (nan) at epoch 1, batch 2: stopped, no epoch was saved (lower --lr, or pass "
+         "hnca vae: non-finite loss (inf) at epoch 1, batch 2: stopped, no epoch was saved (lower --lr, or pass "
          "--on-nonfinite skip to skip such batches)"),
         ("vae: --lr nan", [*VAE, "--lr", "nan", "--out", str(t / "x5")], None, 2,
          "hnca vae: error: argument --lr: must be a positive number, got nan (see hnca vae -h)"),

@@ -262,7 +262,7 @@ def test_a_ddp_vae_step_equals_one_process_on_the_union_batch(ranks, estimator):
     single = train_vae(vae, case["steps"], estimator)
     uses_baseline = estimator.endswith("_baseline")
     for step, (grads, values, _) in enumerate(single):
-        assert all(g.abs().sum() > 0 for g in grads)
+        assert all(g.abs().sum() > 0 for g in grads if g.numel())  # (the prior has no weight columns)
         assert (values.abs().sum() > 0) == uses_baseline
         for result in results:
             r_grads, r_values, all_reduces = result[f"vae-{estimator}"][step]

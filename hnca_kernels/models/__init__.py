@@ -1,5 +1,5 @@
-"""Models trained with HNCA."""
+"""Models trained with HNCA: discrete VAEs written with the record."""
 
-from .vae import ESTIMATORS, UNBIASED_ESTIMATORS, BernoulliVAE
+from .vae import ESTIMATORS, UNBIASED_ESTIMATORS, BernoulliVAE, CategoricalVAE, DiscreteVAE
 
-__all__ = ["BernoulliVAE", "ESTIMATORS", "UNBIASED_ESTIMATORS"]
+__all__ = ["DiscreteVAE", "BernoulliVAE", "CategoricalVAE", "ESTIMATORS", "UNBIASED_ESTIMATORS"]

@@ -26,7 +26,7 @@ import torch.nn as nn
 from .. import validation
 from ..baseline import CallBaselines, update_baselines
 from ..layers import BernoulliLinear, CategoricalLinear
-from ..objective import ObjectiveTerms, _graph, elbo_terms, finish_loss
+from ..objective import ObjectiveTerms, elbo_terms, finish_loss, objective
 from ..record import Record, record
 from ..relaxed import BIASED_ESTIMATORS
 
@@ -116,7 +116,8 @@ class DiscreteVAE(nn.Module):
 
     # ---- passes -------------------------------------------------------------------------------
     def _record(self, x, latents=None, relax=None) -> Record:
-        with record(replay=latents, relax=relax, tau=self.tau) as rec:
+        # x and any latents are checked by the callers: the program's own value checks are not repeated
+        with validation.checks("off"), record(replay=latents, relax=relax, tau=self.tau) as rec:
             self.model(x)
         return rec
 
@@ -159,7 +160,7 @@ class DiscreteVAE(nn.Module):
             x, None if latents is None else self._check_latents(latents, x.shape[0]))
         if estimator in _BRANCHED:
             rec._batch()
-            return rec, ObjectiveTerms(rec.elbo(), self._branched_signals(x, rec, estimator, branches), [])
+            return rec, ObjectiveTerms(objective(rec), self._branched_signals(x, rec, estimator, branches), [])
         kind, with_baseline = _ON_THE_RECORD[estimator]
         terms = elbo_terms(rec, kind, self.baselines if with_baseline else None, self.backend,
                            rho_direct=self.rho_direct, upstream=self.upstream,
@@ -178,22 +179,21 @@ class DiscreteVAE(nn.Module):
                 raise ValueError("disarm is defined for Bernoulli latents; use reinforce_loo for categorical ones")
             u, prob = torch.rand_like(logits), torch.sigmoid(logits)
             lo, hi = layer.values
-            return [torch.where(v < prob, hi, lo).to(logits.dtype) for v in (u, 1 - u)]
+            return [(v < prob).to(logits.dtype).mul_(hi - lo).add_(lo) for v in (u, 1 - u)]
         return [layer.sample(logits), layer.sample(logits)]
 
     @torch.no_grad()
     def _downstream(self, x, main: list, k: int, trajectory) -> torch.Tensor:
-        """The components that depend on encoder call k, on a partial pass: the calls before k
-        replayed and skipped, call k set to ``trajectory[0]``, deeper ones replayed from it or drawn."""
+        """The components that depend on encoder call k, on a partial pass of the program: the calls
+        it does not reach are skipped, call k is set to ``trajectory[0]``, deeper ones replayed from
+        the rest of it or drawn. Every call the pass computes is downstream of call k."""
         replay = list(main[:k]) + list(trajectory) + [None] * (self.num_layers - k - len(trajectory))
         rec = Record(replay=replay)
         rec.branch = k
-        with rec:
+        with validation.checks("off"), rec:
             self.model(x)
-        graph = _graph(rec)
-        source = next(c for c in rec.calls if not c.observed)  # the branch call: the first one registered
         total = torch.zeros(x.shape[0], dtype=self._dtype, device=x.device)
-        for c in graph.downstream[source.index]:
+        for c in rec.calls[1:]:  # calls[0] is call k itself
             part = c.layer.log_prob_units(c.logits, c.sample) if c.observed else c.layer.entropy_units(c.logits)
             total = total + part.sum(-1)
         return total
@@ -211,8 +211,9 @@ class DiscreteVAE(nn.Module):
                 pair = branches[k]
             f_a, f_b = (self._downstream(x, main, k, t) for t in pair)
             a, b = pair[0][0], pair[1][0]
-            # LOO with two samples: 1/2 sum_s score_s (f_s - f_other) = (score_a - score_b)(f_a - f_b)/2
-            score = c.layer.score(logits, a) - c.layer.score(logits, b)
+            # LOO with two samples: 1/2 sum_s score_s (f_s - f_other) = (score_a - score_b)(f_a - f_b)/2,
+            # and score_a - score_b = onehot(a) - onehot(b)
+            score = (c.layer.indicator(a, logits.dtype) - c.layer.indicator(b, logits.dtype)).reshape(logits.shape)
             signal = score * (0.5 * (f_a - f_b)).view(-1, *([1] * (score.dim() - 1)))
             if estimator == "disarm":  # 1/2 (f(b) - f(b~)) (-1)^b~ 1[b != b~] sigma(|l|)
                 signal = signal * torch.sigmoid(logits.abs())
