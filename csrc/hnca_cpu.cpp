@@ -636,6 +636,174 @@ at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, co
 }
 
 // ---------------------------------------------------------------------------------------------
+// Categorical parents of Bernoulli children, all variables in one call: D[b, v, k] = m[k] - m[a],
+//   m[k] = sum_j log sigma(s_j (base_j + W[j, vK + k])) - log sigma(s_j base_j),
+// base_j = l_j - W[j, vK + a] (the child's logit with variable v switched off), a = a[b, v]: the
+// message of K binary parents at 0 (hnca_kernels.functional.categorical_parent_log_ratio). With
+// v = sigma(-s base) each term is -log(1 + v (A - 1)), A = e^{-s W[j, vK + k]}: the product form
+// and chunks of the Bernoulli message above (a wide child is summed per term in the log domain).
+// The examples are the vector lanes: for one (variable, child) the classes' factors A - 1 are
+// broadcast scalars (a blend picks each example's sign), so every lane does useful work whatever
+// K, and the K products are independent chains.
+
+template <typename T>
+struct CategoricalParentArgs {
+  const T* logits_t;    // [out, Bp]: the children's logits, examples last
+  const T* fired;       // [out, Bp]: 1 where the child fired, else 0
+  const int64_t* a;     // [B, V]
+  const T* tables;      // [2, V, out, K]: expm1(-W) (a child that fired), expm1(+W)
+  const T* weight;      // [V, out, K]: W (wide children only)
+  const Chunk* chunks;
+  int64_t num_chunks, batch, padded_batch, variables, classes, out;
+  T* m;                 // [V, K, Bp]: m[k] for each example
+};
+
+// A variable's per (child, example) terms: base = l - W[j, own] and v = sigma(-s base), [out, Bp],
+// row by row (a child's K weights of the variable share one cache line).
+template <typename T>
+void categorical_parent_prologue(const CategoricalParentArgs<T>& p, int64_t v, T* base, T* sig) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
+  const int64_t out = p.out, Bp = p.padded_batch, K = p.classes;
+  std::vector<int64_t> own(p.batch);
+  for (int64_t b = 0; b < p.batch; ++b) own[b] = p.a[b * p.variables + v];
+  for (int64_t j = 0; j < out; ++j) {
+    const T* w = p.weight + (v * out + j) * K;
+    T* row = base + j * Bp;
+    for (int64_t b = 0; b < p.batch; ++b) row[b] = p.logits_t[j * Bp + b] - w[own[b]];
+    for (int64_t b = p.batch; b < Bp; ++b) row[b] = T(0);
+    for (int64_t b = 0; b < Bp; b += L) {
+      const Vec x = Vec::loadu(row + b);
+      const Vec fired = Vec::loadu(p.fired + j * Bp + b) > Vec(T(0));
+      (Vec(T(1)) + Vec::blendv(x.neg(), x, fired).exp()).reciprocal().store(sig + j * Bp + b);  // sigma(-s base)
+    }
+  }
+}
+
+// Classes [k0, k0 + NK) of variable v for examples [b0, b0 + L).
+template <typename T, int NK>
+void categorical_parent_block(const CategoricalParentArgs<T>& p, int64_t v, int64_t b0, int64_t k0, const T* base,
+                              const T* sig) {
+  using Vec = Vectorized<T>;
+  const int64_t out = p.out, K = p.classes, Bp = p.padded_batch;
+  const T* expm1_fired = p.tables + v * out * K;
+  const T* expm1_silent = p.tables + (p.variables + v) * out * K;
+  Vec total[NK], q[NK];
+  for (int k = 0; k < NK; ++k) total[k] = Vec(T(0));
+  int64_t j0 = 0;
+  for (int64_t c = 0; c < p.num_chunks; ++c) {
+    if (p.chunks[c].wide) {
+      const int64_t j = j0;
+      const Vec b_j = Vec::loadu(base + j * Bp + b0);
+      const Vec fired = Vec::loadu(p.fired + j * Bp + b0) > Vec(T(0));
+      const auto log_sigmoid = [](Vec z) { return at::vec::minimum(z, Vec(T(0))) - z.abs().neg().exp().log1p(); };
+      const Vec now = log_sigmoid(Vec::blendv(b_j.neg(), b_j, fired));
+      for (int k = 0; k < NK; ++k) {
+        const Vec z = b_j + Vec(p.weight[(v * out + j) * K + k0 + k]);
+        total[k] = total[k] + log_sigmoid(Vec::blendv(z.neg(), z, fired)) - now;
+      }
+    } else {
+      for (int k = 0; k < NK; ++k) q[k] = Vec(T(0));
+      for (int64_t j = j0; j < p.chunks[c].end; ++j) {
+        const Vec vj = Vec::loadu(sig + j * Bp + b0);
+        const Vec fired = Vec::loadu(p.fired + j * Bp + b0) > Vec(T(0));
+        const T* hi = expm1_fired + j * K + k0;
+        const T* lo = expm1_silent + j * K + k0;
+        for (int k = 0; k < NK; ++k) {
+          const Vec a_m1 = Vec::blendv(Vec(lo[k]), Vec(hi[k]), fired);
+          q[k] = at::vec::fmadd(a_m1, at::vec::fmadd(vj, q[k], vj), q[k]);  // q + v(A - 1)(1 + q)
+        }
+      }
+      // each factor is pi(y | base) / pi(y | base + W): the change is minus its log
+      for (int k = 0; k < NK; ++k) total[k] = total[k] - chunk_log1p(q[k]);
+    }
+    j0 = p.chunks[c].end;
+  }
+  for (int k = 0; k < NK; ++k) total[k].store(p.m + (v * K + k0 + k) * Bp + b0);
+}
+
+template <typename T>
+void categorical_parent_variable(const CategoricalParentArgs<T>& p, int64_t v, T* base, T* sig) {
+  constexpr int L = Vectorized<T>::size();
+  constexpr int kBlock = 8;  // classes at once: 8 accumulators and 8 chains, within 16 registers
+  categorical_parent_prologue(p, v, base, sig);
+  for (int64_t b0 = 0; b0 < p.batch; b0 += L) {
+    int64_t k0 = 0;
+    for (; k0 + kBlock <= p.classes; k0 += kBlock) categorical_parent_block<T, kBlock>(p, v, b0, k0, base, sig);
+    switch (p.classes - k0) {
+      case 1: categorical_parent_block<T, 1>(p, v, b0, k0, base, sig); break;
+      case 2: categorical_parent_block<T, 2>(p, v, b0, k0, base, sig); break;
+      case 3: categorical_parent_block<T, 3>(p, v, b0, k0, base, sig); break;
+      case 4: categorical_parent_block<T, 4>(p, v, b0, k0, base, sig); break;
+      case 5: categorical_parent_block<T, 5>(p, v, b0, k0, base, sig); break;
+      case 6: categorical_parent_block<T, 6>(p, v, b0, k0, base, sig); break;
+      case 7: categorical_parent_block<T, 7>(p, v, b0, k0, base, sig); break;
+      default: break;
+    }
+  }
+}
+
+at::Tensor categorical_parent_log_ratio(const at::Tensor& a_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
+                                        const at::Tensor& y_in) {
+  TORCH_CHECK_VALUE(a_in.device() == weight_in.device() && a_in.device() == logits_in.device() &&
+                        a_in.device() == y_in.device(),
+                    "hnca: a, weight, logits and y must be on one device");
+  TORCH_CHECK_VALUE(a_in.device().is_cpu(), "hnca: the CPU kernel got tensors that are not on the CPU");
+  TORCH_CHECK_VALUE(a_in.dim() == 2 && weight_in.dim() == 2 && logits_in.dim() == 2 && y_in.dim() == 2,
+                    "hnca: a [B, V], weight [out, V*K], logits and y [B, out] must be 2-D");
+  TORCH_CHECK_TYPE(a_in.scalar_type() == at::kLong || a_in.scalar_type() == at::kInt,
+                   "hnca: a must hold class indices (int64 or int32)");
+  TORCH_CHECK_TYPE(weight_in.is_floating_point() && logits_in.is_floating_point() && !y_in.is_complex(),
+                   "hnca: weight and logits must be floating tensors, y a real one");
+  const int64_t batch = a_in.size(0), variables = a_in.size(1), out = weight_in.size(0);
+  TORCH_CHECK_VALUE(variables > 0 && weight_in.size(1) % variables == 0 && weight_in.size(1) > 0,
+                    "hnca: weight must be [out, V*K] for a of shape [B, V]");
+  TORCH_CHECK_VALUE(logits_in.size(0) == batch && logits_in.size(1) == out && y_in.sizes() == logits_in.sizes(),
+                    "hnca: logits and y must be [B, out] for a [B, V] and weight [out, V*K]");
+  const int64_t classes = weight_in.size(1) / variables;
+  const auto dtype = compute_type(logits_in);
+  const auto a = a_in.to(at::kLong).contiguous();
+  const int64_t* ap = a.data_ptr<int64_t>();
+  bool in_range = true;
+  for (int64_t n = 0; n < a.numel(); ++n) in_range &= ap[n] >= 0 && ap[n] < classes;
+  TORCH_CHECK_VALUE(in_range, "hnca: a must hold class indices in [0, classes)");
+  auto d = new_output(at::empty({batch, variables, classes}, logits_in.options()), dtype);
+  if (d.numel() == 0) return d;
+  if (out == 0) return d.zero_();
+  const auto opts = logits_in.options().dtype(dtype);
+  const auto weight = weight_in.to(dtype).contiguous();
+  const auto logits = logits_in.to(dtype);
+  const auto y = (y_in > 0).to(dtype);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_categorical_parent_log_ratio", [&] {
+    using T = scalar_t;
+    const int64_t L = Vectorized<T>::size();
+    const int64_t padded_batch = (batch + L - 1) / L * L;  // examples are the lanes: pad to whole vectors
+    const auto chunks = plan_chunks<T>(weight, 1.0);
+    auto logits_t = at::zeros({out, padded_batch}, opts);
+    logits_t.narrow(1, 0, batch).copy_(logits.t());
+    auto fired = at::zeros({out, padded_batch}, opts);
+    fired.narrow(1, 0, batch).copy_(y.t());
+    const auto by_variable = weight.view({out, variables, classes}).permute({1, 0, 2});  // [V, out, K]
+    const auto tables = at::stack({at::expm1(by_variable.neg()), at::expm1(by_variable)}).contiguous();
+    const auto weight_v = by_variable.contiguous();
+    auto m = at::empty({variables, classes, padded_batch}, opts);
+    const CategoricalParentArgs<T> p{logits_t.data_ptr<T>(), fired.data_ptr<T>(), ap,
+                                     tables.data_ptr<T>(), weight_v.data_ptr<T>(), chunks.data(),
+                                     static_cast<int64_t>(chunks.size()), batch, padded_batch, variables, classes,
+                                     out, m.data_ptr<T>()};
+    const int64_t grain = std::max<int64_t>(1, kTermsPerThread / std::max<int64_t>(1, out * batch * classes));
+    at::parallel_for(0, variables, grain, [&](int64_t begin, int64_t end) {
+      std::vector<T> base(out * padded_batch), sig(out * padded_batch);
+      for (int64_t var = begin; var < end; ++var) categorical_parent_variable(p, var, base.data(), sig.data());
+    });
+    // D = m - m at the actual class, per example
+    const auto m_b = m.narrow(2, 0, batch).permute({2, 0, 1});  // [B, V, K]
+    d.copy_(m_b - m_b.gather(2, a.unsqueeze(2)));
+  });
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
 // The HNCA learning signal per unit logit (hnca_kernels.functional.hnca_logit_credit, the
 // reference): sign(d) * sigmoid(-s*l) * sigmoid(s*(l + d)) * (1 - e^-|d|), s = sign(d), in
 // one pass. NOTE: the torch expression is 14 elementwise ops; replacing them (two hidden layers
@@ -674,6 +842,7 @@ TORCH_LIBRARY(hnca, m) {
   m.def("categorical_log_ratio(Tensor x, Tensor weight, Tensor logits, Tensor a, float lo, float hi) -> Tensor");
   m.def("entropy_delta(Tensor x, Tensor weight, Tensor logits, float lo, float hi) -> Tensor");
   m.def("logit_credit(Tensor logits, Tensor d) -> Tensor");
+  m.def("categorical_parent_log_ratio(Tensor a, Tensor weight, Tensor logits, Tensor y) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hnca, CPU, m) {
@@ -681,4 +850,5 @@ TORCH_LIBRARY_IMPL(hnca, CPU, m) {
   m.impl("categorical_log_ratio", &hnca::categorical_log_ratio);
   m.impl("entropy_delta", &hnca::entropy_delta);
   m.impl("logit_credit", &hnca::logit_credit);
+  m.impl("categorical_parent_log_ratio", &hnca::categorical_parent_log_ratio);
 }

@@ -260,9 +260,11 @@ def categorical_parent_log_ratio(a, weight, logits, y, *, backend=None):
         raise ValueError(f"y must hold the child's classes {tuple(logits.shape[:-1])}, got {tuple(y.shape)}")
     impl = get_backend(backend, a.device)
     a = a.long()
-    op = getattr(impl, "categorical_parent_log_ratio", None)
-    if op is not None or impl is reference or (not y.is_floating_point() and logits.dim() == 3):
-        return (op or reference.categorical_parent_log_ratio)(a, weight, logits, y)
+    op = getattr(impl, "categorical_parent_log_ratio", None) if y.is_floating_point() else None
+    if op is not None:  # a backend's kernel for Bernoulli children, every variable at once
+        return op(a, weight, logits, y)
+    if impl is reference or (not y.is_floating_point() and logits.dim() == 3):
+        return reference.categorical_parent_log_ratio(a, weight, logits, y)
     zeros = logits.new_zeros(a.shape[0], classes)
     out = []
     for v in range(variables):

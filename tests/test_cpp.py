@@ -321,6 +321,12 @@ def _bad_calls():
         "negative a": (ValueError, lambda: ops.categorical_log_ratio(x, w, l, a - 1, 0.0, 1.0)),
         "x not binary": (ValueError, lambda: ops.bernoulli_log_ratio(x + 0.5, w, l, y, 0.0, 1.0)),
         "credit of two shapes": (ValueError, lambda: ops.logit_credit(l, l[:, :2])),
+        "categorical parents' y of fewer rows": (ValueError, lambda: ops.categorical_parent_log_ratio(
+            a.view(B, 1), torch.randn(n_out, 3), l, y[:2])),
+        "categorical parents' classes out of range": (ValueError, lambda: ops.categorical_parent_log_ratio(
+            (a + 3).view(B, 1), torch.randn(n_out, 3), l, y)),
+        "categorical parents' weight not V*K wide": (ValueError, lambda: ops.categorical_parent_log_ratio(
+            a.view(B, 1).expand(B, 2), torch.randn(n_out, 3), l, y)),
         "integer credit": (TypeError, lambda: ops.logit_credit(l.long(), l.long())),
     }
 
@@ -346,3 +352,27 @@ def test_opcheck_sees_the_argument_checks():
         torch.ops.hnca.categorical_log_ratio(*meta, torch.zeros(3, dtype=torch.long, device="meta"), 0.0, 1.0)
     with pytest.raises(TypeError, match="hnca: logits and d must be floating"):
         torch.ops.hnca.logit_credit(meta[2].long(), meta[2].long())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(7, 3, 4, 13), (50, 20, 10, 784), (1, 1, 1, 1), (9, 2, 17, 40), (3, 2, 40, 9)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("regime", ["small", "wide", "saturated"])
+def test_categorical_parent_message_matches_reference(shape, regime, dtype, monkeypatch):
+    """Every variable's message in one call (Bernoulli children) against the reference, relative to
+    its largest entry; outputs poisoned with NaN first."""
+    monkeypatch.setenv("HNCA_POISON_OUTPUTS", "1")
+    assert backends.is_available("cpp", "cpu")
+    B, V, K, out = shape
+    g = torch.Generator().manual_seed(B * 131 + K)
+    w_scale, l_scale = {"small": (0.3, 3.0), "wide": (8.0, 3.0), "saturated": (1.0, 60.0)}[regime]
+    a = torch.randint(0, K, (B, V), generator=g)
+    weight = torch.randn(out, V * K, generator=g, dtype=torch.float64) * w_scale
+    logits = torch.randn(B, out, generator=g, dtype=torch.float64) * l_scale
+    y = (torch.rand(B, out, generator=g) < 0.5).double()
+    ref = reference.categorical_parent_log_ratio(a, weight, logits, y)
+    got = torch.ops.hnca.categorical_parent_log_ratio(a, weight.to(dtype), logits.to(dtype), y.to(dtype))
+    assert got.dtype == dtype and got.shape == (B, V, K) and torch.isfinite(got).all()
+    scale = ref.abs().max().clamp_min(1e-3)  # relative, with a floor (one class: the message is 0)
+    assert ((got.double() - ref).abs().max() / scale) < TOL[dtype] * 20
+    assert (got.gather(2, a.unsqueeze(2)) == 0).all()  # the actual class's own entry

@@ -146,6 +146,20 @@ def _register_fake() -> None:
                  "logits and d must be floating tensors")
         return torch.empty_like(logits)
 
+    def categorical_parents(a, weight, logits, y):
+        _require(a.device == weight.device == logits.device == y.device, ValueError,
+                 "a, weight, logits and y must be on one device")
+        _require(a.dim() == weight.dim() == logits.dim() == y.dim() == 2, ValueError,
+                 "a [B, V], weight [out, V*K], logits and y [B, out] must be 2-D")
+        _require(a.dtype in (torch.int64, torch.int32), TypeError, "a must hold class indices (int64 or int32)")
+        _require(a.shape[1] > 0 and weight.shape[1] % a.shape[1] == 0 and weight.shape[1] > 0, ValueError,
+                 "weight must be [out, V*K] for a of shape [B, V]")
+        _require(logits.shape == (a.shape[0], weight.shape[0]) and y.shape == logits.shape, ValueError,
+                 "logits and y must be [B, out] for a [B, V] and weight [out, V*K]")
+        return logits.new_empty(a.shape[0], a.shape[1], weight.shape[1] // a.shape[1],
+                                dtype=torch.promote_types(logits.dtype, torch.float32))
+
     for op, fake in (("bernoulli_log_ratio", bernoulli), ("categorical_log_ratio", categorical),
-                     ("entropy_delta", entropy), ("logit_credit", credit)):
+                     ("entropy_delta", entropy), ("logit_credit", credit),
+                     ("categorical_parent_log_ratio", categorical_parents)):
         torch.library.register_fake(f"hnca::{op}", fake)

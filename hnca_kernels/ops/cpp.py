@@ -40,3 +40,9 @@ def entropy_delta(x, weight, logits, lo, hi):
 def logit_credit(logits, d):
     """``functional.hnca_logit_credit`` in one fused pass (the optional backend hook)."""
     return torch.ops.hnca.logit_credit(logits, d)
+
+
+def categorical_parent_log_ratio(a, weight, logits, y):
+    """Categorical parents' message, every variable in one call; Bernoulli children only (a softmax
+    child takes the per-variable path of ``functional``)."""
+    return torch.ops.hnca.categorical_parent_log_ratio(a, weight, logits, y)
