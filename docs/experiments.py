@@ -110,13 +110,18 @@ def better_straight_through(runs: Path, best: dict) -> str | None:
 
 
 def comparison_cells(runs: Path | None) -> list[Cell]:
-    """The straight-through comparison's cells that can be named now (see the module's docs)."""
+    """The straight-through comparison's cells that can be named now (see the module's docs), and
+    the categorical VAE's, in the order they run: the sweep, then the cells that depend on it, the
+    categorical VAE's paper-rate cells in between (they depend on nothing)."""
+    paper_categorical = categorical_cells()
     out = [_vae(2, e) for e in STRAIGHT_THROUGH]  # the paper's rate, full length (also the sweep's 1e-4)
     out += [_vae(2, e, epochs=SWEEP_EPOCHS, rate=r) for r in SWEEP_RATES[1:] for e in COMPARED]
+    out += paper_categorical[:1]
     if runs is None:
-        return out
+        return out + paper_categorical[1:]
     best = best_rates(runs)
     out += [_vae(2, e, rate=best[e]) for e in COMPARED if e in best]  # a sweep cell, extended
+    out += paper_categorical[1:]
     st = better_straight_through(runs, best)
     if "hnca_baseline" in best and st is not None:
         out += [_vae(2, e, seed, rate=best[e]) for seed in (1, 2) for e in ("hnca_baseline", st)]
@@ -152,7 +157,6 @@ def cells(runs: Path | None = None) -> list[Cell]:
         for estimator in ("hnca_baseline", "reinforce_loo", "disarm"):
             out.append(vae(2, estimator, seed))
     out.append(vae(2, "hnca_baseline", extra=("--rho-direct",), tag="-rho_direct"))  # Appendix K
-    out += categorical_cells()
     out += comparison_cells(runs)
     longest: dict = {}
     for cell in out:
