@@ -18,6 +18,7 @@ the copy in the repository that ``report --runs docs/metrics`` redraws the page 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import fnmatch
 import json
 import os
@@ -186,8 +187,23 @@ def run_cell(cell: Cell, runs: Path) -> tuple[Cell, int, float]:
     return cell, code, time.time() - began
 
 
+def in_use(run_dir: Path) -> bool:
+    """Whether another process holds the cell's run directory (its ``.lock``, see rundir.py)."""
+    lock = run_dir / ".lock"
+    if not lock.exists():
+        return False
+    with open(lock, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
 def cmd_run(args) -> int:
-    """Train the selected cells ``--jobs`` at a time, naming the dependent ones as they become known."""
+    """Train the selected cells ``--jobs`` at a time, naming the dependent ones as they become known.
+    A cell another process is training counts against the jobs and is left to it."""
     started, failed = set(), 0
     running: dict = {}
 
@@ -199,12 +215,18 @@ def cmd_run(args) -> int:
     print(f"{len(todo())} cell(s) to train now", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         while True:
-            for cell in todo()[: args.jobs - len(running)]:
+            waiting = todo()
+            elsewhere = [c for c in waiting if in_use(args.runs / c.name)]
+            ready = [c for c in waiting if c not in elsewhere]
+            for cell in ready[: max(0, args.jobs - len(running) - len(elsewhere))]:
                 started.add((cell.name, cell.epochs))
                 running[pool.submit(run_cell, cell, args.runs)] = cell
-            if not running:
+            if not running and not elsewhere:
                 break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            if not running:  # only others' cells: look again in a minute
+                time.sleep(60)
+                continue
+            done, _ = wait(running, timeout=60, return_when=FIRST_COMPLETED)
             for future in done:
                 del running[future]
                 cell, code, seconds = future.result()
