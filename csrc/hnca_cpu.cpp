@@ -419,47 +419,63 @@ inline void online_lse_scalar(T& top, T& rest, T z) {
 }
 
 template <typename T>
-void categorical_rows(const T* x, const T* weight, const T* logits, const int64_t* a, T* d,
-                      int64_t b, int64_t in, int64_t classes, T lo, T hi) {
+void categorical_rows(const T* x, const T* weight_all, const T* logits_all, const int64_t* a_all, T* d,
+                      int64_t b, int64_t in, int64_t classes, int64_t variables, T lo, T hi) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
-  const T* l = logits + b * classes;
-  const T* w_a = weight + a[b] * in;
-  T top = l[0] - l[a[b]], rest = 0;
-  for (int64_t k = 1; k < classes; ++k) online_lse_scalar(top, rest, l[k] - l[a[b]]);
-  const Vec lse_actual(top + std::log1p(rest));
-  const Vec w(hi - lo), one(T(1));
-  for (int64_t i0 = 0; i0 < in; i0 += L) {
-    const int64_t count = std::min<int64_t>(L, in - i0);
-    const Vec is_hi = Vec::loadu(x + b * in + i0, count) == Vec(hi);
-    const Vec delta = Vec::blendv(w, w.neg(), is_hi);
-    const Vec own = Vec::loadu(w_a + i0, count);
-    auto z = [&](int64_t k) {
-      return at::vec::fmadd(delta, Vec::loadu(weight + k * in + i0, count) - own, Vec(l[k] - l[a[b]]));
-    };
-    Vec top_cf = z(0), rest_cf(T(0));
-    for (int64_t k = 1; k < classes; ++k) {
-      const Vec zk = z(k);
-      const Vec e = (zk - top_cf).abs().neg().exp();
-      rest_cf = Vec::blendv(rest_cf + e, (rest_cf + one) * e, zk > top_cf);
-      top_cf = at::vec::maximum(top_cf, zk);
+  for (int64_t v = 0; v < variables; ++v) {  // the variables' log-ratios add up
+    const T* l = logits_all + (b * variables + v) * classes;
+    const T* weight = weight_all + v * classes * in;
+    const int64_t a = a_all[b * variables + v];
+    const T* w_a = weight + a * in;
+    T top = l[0] - l[a], rest = 0;
+    for (int64_t k = 1; k < classes; ++k) online_lse_scalar(top, rest, l[k] - l[a]);
+    const Vec lse_actual(top + std::log1p(rest));
+    const Vec w(hi - lo), one(T(1));
+    for (int64_t i0 = 0; i0 < in; i0 += L) {
+      const int64_t count = std::min<int64_t>(L, in - i0);
+      const Vec is_hi = Vec::loadu(x + b * in + i0, count) == Vec(hi);
+      const Vec delta = Vec::blendv(w, w.neg(), is_hi);
+      const Vec own = Vec::loadu(w_a + i0, count);
+      auto z = [&](int64_t k) {
+        return at::vec::fmadd(delta, Vec::loadu(weight + k * in + i0, count) - own, Vec(l[k] - l[a]));
+      };
+      Vec top_cf = z(0), rest_cf(T(0));
+      for (int64_t k = 1; k < classes; ++k) {
+        const Vec zk = z(k);
+        const Vec e = (zk - top_cf).abs().neg().exp();
+        rest_cf = Vec::blendv(rest_cf + e, (rest_cf + one) * e, zk > top_cf);
+        top_cf = at::vec::maximum(top_cf, zk);
+      }
+      const Vec ratio = lse_actual - (top_cf + rest_cf.log1p());
+      const Vec signed_ratio = Vec::blendv(ratio, ratio.neg(), is_hi);
+      T* out = d + b * in + i0;
+      (v == 0 ? signed_ratio : Vec::loadu(out, count) + signed_ratio).store(out, count);
     }
-    const Vec ratio = lse_actual - (top_cf + rest_cf.log1p());
-    Vec::blendv(ratio, ratio.neg(), is_hi).store(d + b * in + i0, count);
   }
 }
 
 at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
                                  const at::Tensor& a_in, double lo, double hi) {
-  const MessageInputs m = prepare_message(x_in, weight_in, logits_in, lo, hi);
-  check_classes(a_in, x_in);
+  // one softmax variable (logits [B, K], a [B]) or V of them (logits [B, V, K], a [B, V]; weight
+  // [V*K, in]), their log-ratios summed
+  TORCH_CHECK_VALUE(logits_in.dim() == 2 || logits_in.dim() == 3, "hnca: logits must be [B, K] or [B, V, K]");
+  const int64_t variables = logits_in.dim() == 3 ? logits_in.size(1) : 1;
+  const int64_t classes = logits_in.size(-1);
+  TORCH_CHECK_VALUE(a_in.dim() == logits_in.dim() - 1 && (variables == 1 || a_in.size(-1) == variables),
+                    "hnca: a must have shape [B] for logits [B, K], or [B, V] for logits [B, V, K]");
+  const MessageInputs m = prepare_message(x_in, weight_in, logits_in.reshape({logits_in.size(0), -1}), lo, hi);
+  TORCH_CHECK_VALUE(a_in.device() == x_in.device(), "hnca: a must be on the device of x, weight and logits");
+  TORCH_CHECK_VALUE(a_in.size(0) == x_in.size(0), "hnca: a must have shape [B] (or [B, V])");
+  TORCH_CHECK_TYPE(a_in.scalar_type() == at::kLong || a_in.scalar_type() == at::kInt,
+                   "hnca: a must hold class indices (int64 or int32)");
   const at::Tensor &x = m.x, &weight = m.weight, &logits = m.logits, &d = m.d;
-  const int64_t batch = m.batch, in = m.in, classes = m.out;
+  const int64_t batch = m.batch, in = m.in;
   const auto a = a_in.to(at::kLong).contiguous();
   // the kernel indexes weight and logits by a: check it here (the cpp backend skips the Python check)
   const int64_t* ap = a.data_ptr<int64_t>();
   bool in_range = true;
-  for (int64_t b = 0; b < a.numel(); ++b) in_range &= ap[b] >= 0 && ap[b] < classes;
+  for (int64_t n = 0; n < a.numel(); ++n) in_range &= ap[n] >= 0 && ap[n] < classes;
   TORCH_CHECK_VALUE(in_range, "hnca: a must hold class indices in [0, classes)");
   if (d.numel() == 0) {
     return d;
@@ -470,10 +486,10 @@ at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weigh
     const scalar_t* lp = logits.data_ptr<scalar_t>();
     scalar_t* dp = d.data_ptr<scalar_t>();
     // a term (one class for one parent) costs an exp
-    const int64_t grain = std::max<int64_t>(1, kTermsPerThread / 16 / std::max<int64_t>(1, in * classes));
+    const int64_t grain = std::max<int64_t>(1, kTermsPerThread / 16 / std::max<int64_t>(1, in * classes * variables));
     at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        categorical_rows<scalar_t>(xp, wp, lp, ap, dp, b, in, classes, scalar_t(lo), scalar_t(hi));
+        categorical_rows<scalar_t>(xp, wp, lp, ap, dp, b, in, classes, variables, scalar_t(lo), scalar_t(hi));
       }
     });
   });

@@ -376,3 +376,26 @@ def test_categorical_parent_message_matches_reference(shape, regime, dtype, monk
     scale = ref.abs().max().clamp_min(1e-3)  # relative, with a floor (one class: the message is 0)
     assert ((got.double() - ref).abs().max() / scale) < TOL[dtype] * 20
     assert (got.gather(2, a.unsqueeze(2)) == 0).all()  # the actual class's own entry
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(7, 13, 3, 4), (50, 200, 20, 10), (5, 9, 1, 3), (6, 33, 2, 17)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("coding", ["01", "pm1"])
+def test_softmax_variables_message_and_entropy_match_reference(shape, coding, dtype):
+    """V softmax children of binary parents in one call: the log-ratio (C++ kernel) relative to its
+    largest entry, the entropy delta (matrix products, ops/matmul.py) with an absolute floor."""
+    B, n_in, V, K = shape
+    g = torch.Generator().manual_seed(n_in)
+    lo, hi = (0.0, 1.0) if coding == "01" else (-1.0, 1.0)
+    x = torch.where(torch.rand(B, n_in, generator=g) < 0.5, hi, lo).double()
+    weight = torch.randn(V * K, n_in, generator=g, dtype=torch.float64)
+    logits = torch.randn(B, V, K, generator=g, dtype=torch.float64) * 4
+    a = torch.randint(0, K, (B, V), generator=g)
+    cast = [t.to(dtype) for t in (x, weight, logits)]
+    ref = reference.categorical_log_ratio(x, weight, logits, a, lo, hi)
+    got = Fn.categorical_counterfactual_log_ratio(*cast, a, parent_values=(lo, hi), backend="cpp")
+    assert ((got.double() - ref).abs().max() / ref.abs().max()) < TOL[dtype] * 20
+    ref = reference.categorical_entropy_delta(x, weight, logits, lo, hi)
+    got = Fn.categorical_entropy_delta(*cast, parent_values=(lo, hi), backend="cpp")
+    assert got.dtype == dtype and ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)) < TOL[dtype] * 20

@@ -129,9 +129,12 @@ def _register_fake() -> None:
         return output(x)
 
     def categorical(x, weight, logits, a, lo, hi):
-        _check_message(x, weight, logits, lo, hi)
+        _require(logits.dim() in (2, 3), ValueError, "logits must be [B, K] or [B, V, K]")
+        _require(a.dim() == logits.dim() - 1 and (logits.dim() == 2 or a.shape[-1] == logits.shape[1]),
+                 ValueError, "a must have shape [B] for logits [B, K], or [B, V] for logits [B, V, K]")
+        _check_message(x, weight, logits.reshape(logits.shape[0], -1), lo, hi)
         _require(a.device == x.device, ValueError, "a must be on the device of x, weight and logits")
-        _require(a.dim() == 1 and a.shape[0] == x.shape[0], ValueError, "a must have shape [B]")
+        _require(a.shape[0] == x.shape[0], ValueError, "a must have shape [B] (or [B, V])")
         _require(a.dtype in (torch.int64, torch.int32), TypeError, "a must hold class indices (int64 or int32)")
         return output(x)
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 import torch
 
 from . import _extension
+from .matmul import categorical_entropy_delta  # noqa: F401  (matrix products, see ops/matmul.py)
 
 # The ops check every argument (shapes, devices, dtypes: ValueError/TypeError from TORCH_CHECK_VALUE
 # and TORCH_CHECK_TYPE) and that x holds only lo and hi (and, for the softmax child, the class
 # range); hnca_kernels.functional then skips its own value check.
 CHECKS_PARENT_VALUES = True
+# categorical_log_ratio takes V softmax variables at once (logits [B, V, K])
+CATEGORICAL_VARIABLES = True
 
 
 def load_reason() -> str | None:
