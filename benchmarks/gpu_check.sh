@@ -60,9 +60,10 @@ for E in hnca_baseline reinforce_loo disarm; do
   timeout "$LEFT" $PY -m hnca_kernels vae --device $DEVICE --layers 2 --estimator $E --seed 0 --epochs 840 \
     --test-every 20 --no-progress --out "$WORK/runs/vae-L2-$E-s0" $LIMIT >"$WORK/run-$E.log" 2>&1 &
 done
-TESTS="tests/test_gpu.py tests/test_graphs.py tests/test_triton.py tests/test_cpp.py"
-[ -n "$DRY" ] && TESTS="tests/test_gpu.py tests/test_graphs.py"
-part tests $(( LEFT > 30 ? LEFT : 30 )) $PY -m pytest -q -p no:cacheprovider --maxfail=30 -rfE $TESTS
+# the CUDA tests: the backends' conformance (cuda, and triton compiled), their kernels, graphs
+TESTS="tests/ops tests/experiments/test_graphs.py"
+[ -n "$DRY" ] && TESTS="tests/ops/test_gpu.py tests/experiments/test_graphs.py"
+part tests $(( LEFT > 30 ? LEFT : 30 )) $PY -m pytest -q -p no:cacheprovider --maxfail=30 -rfE -m "not slow" $TESTS
 wait
 tar -czf "$OUT/runs.tar.gz" --exclude checkpoint.pt --exclude .lock -C "$WORK" runs run-hnca_baseline.log run-reinforce_loo.log run-disarm.log 2>/dev/null
 

@@ -326,7 +326,7 @@ def main():
 
         if DEVICE == "cuda":
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ".".join(map(str, torch.cuda.get_device_capability())))
-        thread = threading.Thread(target=lambda: build.update(result=_extension.load()), daemon=True)
+        thread = threading.Thread(target=lambda: build.update(result=_extension.load_cuda()), daemon=True)
         thread.start()
 
     global QUICK

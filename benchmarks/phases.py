@@ -11,7 +11,7 @@ and HNCA's backward in its parts: ``message_pass`` (``rec.log_ratios``, every me
 record), ``surrogate`` (``rec.surrogate_loss``: the messages, the credits and the scores) and
 ``autograd`` (``loss.backward()`` of that surrogate). The VAE's estimators split the same way
 (``vae_*`` below). Each timed phase takes the state the phases before it left; the benchmarks
-build that state untimed in ``benchmark.pedantic``'s setup, and tests/test_bench_phases.py checks
+build that state untimed in ``benchmark.pedantic``'s setup, and tests/experiments/test_bench_phases.py checks
 that the phases in a row fill the same ``.grad`` as a plain training step.
 """
 

@@ -98,14 +98,14 @@ struct MessageInputs {
 };
 
 MessageInputs prepare_message(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
-                              double lo, double hi) {
+                              double lo, double hi, bool check) {
   check_inputs(x_in, weight_in, logits_in, lo, hi);
   TORCH_CHECK_VALUE(x_in.device().is_cpu(), "hnca: the CPU kernel got tensors that are not on the CPU");
   const auto dtype = compute_type(logits_in);
   const auto x = x_in.to(dtype).contiguous();
   MessageInputs m{x, weight_in.to(dtype).contiguous(), logits_in.to(dtype).contiguous(), new_output(x, dtype),
                   x.size(0), x.size(1), weight_in.size(0)};
-  if (m.d.numel() > 0) {
+  if (check && m.d.numel() > 0) {  // check=false: the caller knows (hnca_kernels.checks("off"))
     AT_DISPATCH_FLOATING_TYPES(dtype, "hnca_check_parent_values", [&] { check_parent_values<scalar_t>(x, lo, hi); });
   }
   return m;
@@ -358,8 +358,8 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
 }
 
 at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
-                               const at::Tensor& y, double lo, double hi) {
-  const MessageInputs m = prepare_message(x_in, weight_in, logits_in, lo, hi);
+                               const at::Tensor& y, double lo, double hi, bool check) {
+  const MessageInputs m = prepare_message(x_in, weight_in, logits_in, lo, hi, check);
   check_children(y, logits_in);
   const at::Tensor &x = m.x, &weight = m.weight, &logits = m.logits, &d = m.d;
   const int64_t batch = m.batch, in = m.in, out = m.out;
@@ -456,7 +456,7 @@ void categorical_rows(const T* x, const T* weight_all, const T* logits_all, cons
 }
 
 at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
-                                 const at::Tensor& a_in, double lo, double hi) {
+                                 const at::Tensor& a_in, double lo, double hi, bool check) {
   // one softmax variable (logits [B, K], a [B]) or V of them (logits [B, V, K], a [B, V]; weight
   // [V*K, in]), their log-ratios summed
   TORCH_CHECK_VALUE(logits_in.dim() == 2 || logits_in.dim() == 3, "hnca: logits must be [B, K] or [B, V, K]");
@@ -464,7 +464,7 @@ at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weigh
   const int64_t classes = logits_in.size(-1);
   TORCH_CHECK_VALUE(a_in.dim() == logits_in.dim() - 1 && (variables == 1 || a_in.size(-1) == variables),
                     "hnca: a must have shape [B] for logits [B, K], or [B, V] for logits [B, V, K]");
-  const MessageInputs m = prepare_message(x_in, weight_in, logits_in.reshape({logits_in.size(0), -1}), lo, hi);
+  const MessageInputs m = prepare_message(x_in, weight_in, logits_in.reshape({logits_in.size(0), -1}), lo, hi, check);
   TORCH_CHECK_VALUE(a_in.device() == x_in.device(), "hnca: a must be on the device of x, weight and logits");
   TORCH_CHECK_VALUE(a_in.size(0) == x_in.size(0), "hnca: a must have shape [B] (or [B, V])");
   TORCH_CHECK_TYPE(a_in.scalar_type() == at::kLong || a_in.scalar_type() == at::kInt,
@@ -610,8 +610,8 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
 }
 
 at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
-                         double lo, double hi) {
-  const MessageInputs m = prepare_message(x_in, weight_in, logits_in, lo, hi);
+                         double lo, double hi, bool check) {
+  const MessageInputs m = prepare_message(x_in, weight_in, logits_in, lo, hi, check);
   const at::Tensor &x = m.x, &weight = m.weight, &logits = m.logits, &d = m.d;
   const int64_t batch = m.batch, in = m.in, out = m.out;
   if (d.numel() == 0) {
@@ -854,9 +854,12 @@ at::Tensor logit_credit(const at::Tensor& logits_in, const at::Tensor& d_in) {
 }  // namespace hnca
 
 TORCH_LIBRARY(hnca, m) {
-  m.def("bernoulli_log_ratio(Tensor x, Tensor weight, Tensor logits, Tensor y, float lo, float hi) -> Tensor");
-  m.def("categorical_log_ratio(Tensor x, Tensor weight, Tensor logits, Tensor a, float lo, float hi) -> Tensor");
-  m.def("entropy_delta(Tensor x, Tensor weight, Tensor logits, float lo, float hi) -> Tensor");
+  // check: whether the parents' values are checked (the class indices always are: they are indices)
+  m.def("bernoulli_log_ratio(Tensor x, Tensor weight, Tensor logits, Tensor y, float lo, float hi, bool check=True) "
+        "-> Tensor");
+  m.def("categorical_log_ratio(Tensor x, Tensor weight, Tensor logits, Tensor a, float lo, float hi, "
+        "bool check=True) -> Tensor");
+  m.def("entropy_delta(Tensor x, Tensor weight, Tensor logits, float lo, float hi, bool check=True) -> Tensor");
   m.def("logit_credit(Tensor logits, Tensor d) -> Tensor");
   m.def("categorical_parent_log_ratio(Tensor a, Tensor weight, Tensor logits, Tensor y) -> Tensor");
 }
@@ -868,3 +871,16 @@ TORCH_LIBRARY_IMPL(hnca, CPU, m) {
   m.impl("logit_credit", &hnca::logit_credit);
   m.impl("categorical_parent_log_ratio", &hnca::categorical_parent_log_ratio);
 }
+
+#ifdef HNCA_PYTHON_MODULE
+// Built by setup.py as a Python extension module: importing it loads the library, whose static
+// registrations above add the ops; the module itself is empty. (The build on first use loads the
+// library with torch.ops.load_library instead.)
+#include <Python.h>
+#define HNCA_CAT(a, b) a##b
+#define HNCA_MODULE_INIT(name) HNCA_CAT(PyInit_, name)
+extern "C" PyObject* HNCA_MODULE_INIT(TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, C10_STRINGIZE(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif

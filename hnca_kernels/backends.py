@@ -8,10 +8,8 @@ Every backend module implements the same three functions with one numerical cont
     entropy_delta(x, weight, logits, lo, hi) -> d [B, in]
 
 and ``unsupported_reason(device) -> str | None`` saying why it cannot run on a device.
-A backend may also offer ``bernoulli_linear(x, weight, bias, lo, hi) -> (logits, sample)``, a
-fused forward that ``BernoulliLinear`` then uses (the triton backend does).
-It may also offer ``logit_credit(logits, d)``, ``functional.hnca_logit_credit`` fused, that
-``StochasticSequential.surrogate_loss`` then uses (the cpp backend does).
+Further ops (``logit_credit``, ``categorical_entropy_delta``, ``categorical_parent_log_ratio``)
+are optional: a backend without one runs the reference's (``hnca_kernels.ops.contract``).
 Inputs reach a backend already checked by ``hnca_kernels.functional``.
 """
 

@@ -195,20 +195,19 @@ def hnca_credit(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return num / den
 
 
-def hnca_logit_credit(logits: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def hnca_logit_credit(logits: torch.Tensor, d: torch.Tensor, *, backend=None) -> torch.Tensor:
     """p(1-p)(rho1 - rho0) with p = sigmoid(logits): the HNCA learning signal per unit logit.
 
     It equals sigmoid(logits + d) - sigmoid(logits) (posterior minus prior firing
-    probability), so |.| <= 1 for every input; computed as a product, without cancellation:
-        d >= 0:  sigmoid(-l) * sigmoid(l + d) * (1 - e^-d)
-        d <  0: -sigmoid(l) * sigmoid(-l - d) * (1 - e^d)
+    probability), so |.| <= 1 for every input; computed as a product, without cancellation
+    (``reference.logit_credit``), by the backend's fused kernel where it has one (cpp).
     """
-    # Both cases are sign(d) * sigmoid(-sign*l) * sigmoid(sign*(l + d)) * (1 - e^-|d|): one
-    # expression without torch.where (this runs once per layer and step; its ops dominate at small B).
-    sign = torch.sign(d)
-    magnitude = d.abs().neg_().expm1_().neg_()  # 1 - e^-|d|
-    posterior = (logits + d).mul_(sign).sigmoid_()
-    return posterior.mul_((logits * sign).neg_().sigmoid_()).mul_(magnitude).mul_(sign)
+    if not isinstance(logits, torch.Tensor) or not isinstance(d, torch.Tensor):
+        raise TypeError("logits and d must be tensors")
+    if logits.shape != d.shape:
+        raise ValueError(f"logits and d must have one shape, got {tuple(logits.shape)} and {tuple(d.shape)}")
+    impl = get_backend(backend, logits.device)
+    return getattr(impl, "logit_credit", reference.logit_credit)(logits, d.to(logits.dtype))
 
 
 def _check_categorical_parents(a, weight, logits, y=None):
@@ -265,6 +264,10 @@ def categorical_parent_log_ratio(a, weight, logits, y, *, backend=None):
         return op(a, weight, logits, y)
     if impl is reference or (not y.is_floating_point() and logits.dim() == 3):
         return reference.categorical_parent_log_ratio(a, weight, logits, y)
+    # the switched-off logits are differences: formed in float32 at least (half inputs would round them)
+    dt = torch.promote_types(logits.dtype, torch.float32)
+    weight, logits = weight.to(dt), logits.to(dt)
+    y = y.to(dt) if y.is_floating_point() else y
     zeros = logits.new_zeros(a.shape[0], classes)
     out = []
     for v in range(variables):
@@ -292,6 +295,8 @@ def categorical_parent_entropy_delta(a, weight, logits, *, child_classes=None, b
     op = getattr(impl, "categorical_parent_entropy_delta", None)
     if op is not None or impl is reference or child_classes is not None:
         return (op or reference.categorical_parent_entropy_delta)(a, weight, logits, child_classes)
+    dt = torch.promote_types(logits.dtype, torch.float32)  # (as in categorical_parent_log_ratio)
+    weight, logits = weight.to(dt), logits.to(dt)
     zeros = logits.new_zeros(a.shape[0], classes)
     out = []
     for v in range(variables):

@@ -17,8 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional, relaxed, validation
-from .functional import hnca_logit_credit
-from .backends import get_backend
 from .record import _unwatched, active_records
 
 
@@ -177,19 +175,6 @@ class BernoulliLinear(_StochasticLinear):
         """Every value an element of a sample can hold."""
         return self.values
 
-    def _draw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits and a sample; one fused kernel when the backend offers it (triton).
-
-        The backend is ``use_backend``'s default, else the fastest for ``x``'s device. Under
-        autocast, or for inputs whose dtype differs from the weight's, the unfused path runs.
-        """
-        fused = getattr(get_backend(None, x.device), "bernoulli_linear", None)
-        if fused is None or x.dtype != self.weight.dtype or torch.is_autocast_enabled(x.device.type):
-            return super()._draw(x)
-        logits, sample = fused(x.reshape(-1, self.in_features), self.weight, self.bias, *self.values)
-        shape = (*x.shape[:-1], self.out_features)
-        return logits.view(shape), sample.view(shape)
-
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         lo, hi = self.values
         with torch.no_grad():
@@ -223,8 +208,7 @@ class BernoulliLinear(_StochasticLinear):
     def credit(self, logits: torch.Tensor, d: torch.Tensor, backend=None) -> torch.Tensor:
         """HNCA's signal per logit, p(1-p)(rho1 - rho0) = sigmoid(l + d) - sigmoid(l), from the
         children's log-ratio d [B, out]; the backend's fused pass where it has one (cpp)."""
-        fused = getattr(get_backend(backend, logits.device), "logit_credit", functional.hnca_logit_credit)
-        return fused(logits, d.to(logits.dtype))
+        return functional.hnca_logit_credit(logits, d.to(logits.dtype), backend=backend)
 
     def log_prob(self, logits: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """log pi(sample | parents), summed over the units: [...]."""
@@ -293,7 +277,7 @@ class BernoulliLinear(_StochasticLinear):
             change = fed if own_hi is None else (own_hi - own_lo if fed is None else fed + (own_hi - own_lo))
             signal = signal + p * q * change
         if d is not None:
-            signal = signal + hnca_logit_credit(logits, d) * weighted.unsqueeze(-1)
+            signal = signal + functional.hnca_logit_credit(logits, d) * weighted.unsqueeze(-1)
             if orange:
                 fed, up, down = self._sums(orange)
                 if fed is not None:  # a message moves the value the unit does not have

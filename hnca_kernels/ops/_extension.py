@@ -1,38 +1,38 @@
-"""Builds and loads the C++/CUDA extension that registers the torch ops ``hnca::*``, once.
+"""Loads the C++ and CUDA libraries that register the torch ops ``hnca::*``, once per process.
 
-The sources (``csrc/`` at the top of the repository, installed as ``hnca_kernels/csrc``) are
-compiled on first use with ``torch.utils.cpp_extension.load`` into torch's extensions cache
-(``TORCH_EXTENSIONS_DIR`` overrides it). The CPU kernels are built for the vector instruction set
-torch itself dispatches to on this machine (AVX512, AVX2 or none); the name of the build says
-which, so machines sharing a cache do not load each other's code. The CUDA kernels are added
-only when torch sees a GPU and a CUDA toolkit is installed; ``HNCA_NO_CUDA=1`` leaves them out.
+``pip install --no-build-isolation .`` builds them at install time (setup.py): the CPU library
+``hnca_kernels._cpu_<capability>`` for the vector instructions torch dispatches to on the machine
+(AVX512, AVX2 or none), and ``hnca_kernels._cuda`` where a GPU and a CUDA toolkit were present.
+Where the installed library is missing (an install without torch in its build, a source
+checkout, another machine's capability), the sources (``csrc/``, installed as
+``hnca_kernels/csrc``) are compiled on first use with ``torch.utils.cpp_extension.load`` into
+torch's extensions cache (``TORCH_EXTENSIONS_DIR`` overrides it), announced in one line. The CUDA
+library is separate: its failure leaves the CPU ops working; ``HNCA_NO_CUDA=1`` never loads it.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
+from . import _build
+
 _PACKAGE = Path(__file__).resolve().parent.parent
 # installed: hnca_kernels/csrc (package data); source checkout: the repository's csrc/
 _SOURCE_DIRS = (_PACKAGE / "csrc", _PACKAGE.parent / "csrc")
 
-_VECTOR_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
-    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-}
-
 
 def source_dir() -> Path:
     for candidate in _SOURCE_DIRS:
-        if (candidate / "hnca_cpu.cpp").is_file():
+        if (candidate / _build.CPU_SOURCE).is_file():
             return candidate
     raise FileNotFoundError(f"hnca C++ sources not found in {' or '.join(map(str, _SOURCE_DIRS))}")
 
@@ -59,42 +59,63 @@ def _cpp_extension():
     return cpp_extension
 
 
-def _cuda_toolkit() -> bool:
-    """A CUDA toolkit to build the CUDA kernels with; looked for only where torch sees a GPU."""
-    return os.environ.get("HNCA_NO_CUDA") != "1" and _cpp_extension().CUDA_HOME is not None
+def _installed(module: str) -> bool:
+    """Import an installed library (its import registers the ops); False if it is not there."""
+    try:
+        importlib.import_module(f"hnca_kernels.{module}")
+    except ImportError:
+        return False
+    return True
+
+
+def _build_now(name: str, sources: list, what: str, **options) -> None:
+    print(f"hnca: building the {what} (first use, about 30 s; "
+          "pip install --no-build-isolation builds them at install time)", file=sys.stderr, flush=True)
+    _cpp_extension().load(name=name, sources=sources, is_python_module=False,
+                          verbose=os.environ.get("HNCA_VERBOSE_BUILD") == "1", **options)
 
 
 @functools.lru_cache(maxsize=None)
-def load() -> tuple[str | None, bool]:
-    """(why the extension could not be built, or None; whether it has the CUDA kernels).
-
-    Runs once per process (cached); a failure warns once and the backends report it.
-    """
+def load_cpu() -> str | None:
+    """Why the CPU ops could not be loaded or built, or None. Runs once per process; a failure
+    warns once and the cpp backend reports it."""
+    capability = torch.backends.cpu.get_cpu_capability()
     try:
-        build = _cpp_extension().load
-        src = source_dir()
-        capability = torch.backends.cpu.get_cpu_capability()
-        flags = _VECTOR_FLAGS.get(capability, [])
-        sources = [str(src / "hnca_cpu.cpp")]
-        with_cuda = torch.cuda.is_available() and torch.version.cuda is not None and _cuda_toolkit()
-        if with_cuda:
-            sources.append(str(src / "hnca_cuda.cu"))
-        name = f"hnca_ops_{capability.lower()}" + ("_cuda" if with_cuda else "")
-        build(
-            name=name,
-            sources=sources,
-            extra_cflags=["-O3", "-fopenmp", *flags],
-            extra_ldflags=["-fopenmp"],
-            extra_cuda_cflags=["-O3"],
-            is_python_module=False,
-            verbose=os.environ.get("HNCA_VERBOSE_BUILD") == "1",
-        )
+        if not _installed(_build.cpu_module(capability)):
+            _build_now(f"hnca_ops{_build.cpu_module(capability)}", [str(source_dir() / _build.CPU_SOURCE)],
+                       f"hnca C++ kernels for {capability}", extra_cflags=_build.cxx_flags(capability),
+                       extra_ldflags=_build.LINK_FLAGS)
         _register_fake()
-        return None, with_cuda
+        return None
     except Exception as exc:  # a failed build is a reason to fall back, said once
-        reason = f"the hnca C++ extension failed to build or load ({type(exc).__name__}: {exc})"
+        reason = f"the hnca C++ kernels failed to build or load ({type(exc).__name__}: {exc})"
         warnings.warn(f"{reason}; the 'cpp' and 'cuda' backends are unavailable, using 'reference'", stacklevel=2)
-        return reason, False
+        return reason
+
+
+@functools.lru_cache(maxsize=None)
+def load_cuda() -> str | None:
+    """Why the CUDA ops could not be loaded or built, or None (the CPU ops are loaded first: they
+    define the ops the CUDA library implements)."""
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if os.environ.get("HNCA_NO_CUDA") == "1":
+        return "HNCA_NO_CUDA=1"
+    reason = load_cpu()
+    if reason is not None:
+        return reason
+    if _installed(_build.CUDA_MODULE):
+        return None
+    if _cpp_extension().CUDA_HOME is None:
+        return "the CUDA kernels are not installed and no CUDA toolkit is found to build them"
+    try:
+        _build_now("hnca_ops_cuda", [str(source_dir() / _build.CUDA_SOURCE)], "hnca CUDA kernels",
+                   extra_cflags=["-O3"], extra_cuda_cflags=_build.NVCC_FLAGS)
+        return None
+    except Exception as exc:
+        reason = f"the hnca CUDA kernels failed to build or load ({type(exc).__name__}: {exc})"
+        warnings.warn(f"{reason}; the 'cuda' backend is unavailable (the CPU ops are not affected)", stacklevel=2)
+        return reason
 
 
 def _require(ok: bool, error, message: str) -> None:
@@ -121,14 +142,14 @@ def _register_fake() -> None:
     def output(x):
         return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32))
 
-    def bernoulli(x, weight, logits, y, lo, hi):
+    def bernoulli(x, weight, logits, y, lo, hi, check=True):
         _check_message(x, weight, logits, lo, hi)
         _require(y.device == logits.device, ValueError, "y must be on the device of x, weight and logits")
         _require(y.shape == logits.shape, ValueError, "y must have the shape of logits [B, out]")
         _require(not y.is_complex(), TypeError, "y must be a real tensor")
         return output(x)
 
-    def categorical(x, weight, logits, a, lo, hi):
+    def categorical(x, weight, logits, a, lo, hi, check=True):
         _require(logits.dim() in (2, 3), ValueError, "logits must be [B, K] or [B, V, K]")
         _require(a.dim() == logits.dim() - 1 and (logits.dim() == 2 or a.shape[-1] == logits.shape[1]),
                  ValueError, "a must have shape [B] for logits [B, K], or [B, V] for logits [B, V, K]")
@@ -138,7 +159,7 @@ def _register_fake() -> None:
         _require(a.dtype in (torch.int64, torch.int32), TypeError, "a must hold class indices (int64 or int32)")
         return output(x)
 
-    def entropy(x, weight, logits, lo, hi):
+    def entropy(x, weight, logits, lo, hi, check=True):
         _check_message(x, weight, logits, lo, hi)
         return output(x)
 

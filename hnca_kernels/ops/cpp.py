@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import validation
 from . import _extension
 from .matmul import categorical_entropy_delta  # noqa: F401  (matrix products, see ops/matmul.py)
 
@@ -19,7 +20,7 @@ CATEGORICAL_VARIABLES = True
 
 
 def load_reason() -> str | None:
-    return _extension.load()[0]
+    return _extension.load_cpu()
 
 
 def unsupported_reason(device: torch.device) -> str | None:
@@ -28,16 +29,21 @@ def unsupported_reason(device: torch.device) -> str | None:
     return None
 
 
+def _check(x) -> bool:
+    """Whether the ops check the parents' values: ``hnca_kernels.checks`` (off: not at all)."""
+    return validation.current_mode(x.device) != "off"
+
+
 def bernoulli_log_ratio(x, weight, logits, y, lo, hi):
-    return torch.ops.hnca.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
+    return torch.ops.hnca.bernoulli_log_ratio(x, weight, logits, y, lo, hi, _check(x))
 
 
 def categorical_log_ratio(x, weight, logits, a, lo, hi):
-    return torch.ops.hnca.categorical_log_ratio(x, weight, logits, a, lo, hi)
+    return torch.ops.hnca.categorical_log_ratio(x, weight, logits, a, lo, hi, _check(x))
 
 
 def entropy_delta(x, weight, logits, lo, hi):
-    return torch.ops.hnca.entropy_delta(x, weight, logits, lo, hi)
+    return torch.ops.hnca.entropy_delta(x, weight, logits, lo, hi, _check(x))
 
 
 def logit_credit(logits, d):

@@ -1,7 +1,7 @@
 """CUDA backend: the kernels of ``csrc/hnca_cuda.cu``, registered for the CUDA dispatch key.
 
-Same contract as ``hnca_kernels.ops.reference``. The extension gets its CUDA part only when
-torch sees a GPU and a CUDA toolkit is installed (see ``_extension``).
+Same contract as ``hnca_kernels.ops.reference``. Its library is installed where setup.py found a
+GPU and a CUDA toolkit, or built on first use where a toolkit is found (see ``_extension``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,7 @@ CHECKS_PARENT_VALUES = True
 
 
 def load_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False)"
-    reason, with_cuda = _extension.load()
-    if reason is None and not with_cuda:
-        reason = "the hnca extension was built without its CUDA kernels (no CUDA toolkit, or HNCA_NO_CUDA=1)"
-    return reason
+    return _extension.load_cuda()
 
 
 def unsupported_reason(device: torch.device) -> str | None:

@@ -82,6 +82,20 @@ def categorical_entropy_delta(x, weight, logits, lo, hi):
     return sign * (categorical_entropy(_grouped(cf, K)) - categorical_entropy(_grouped(actual, K))).sum(-1)
 
 
+def logit_credit(logits: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """sigmoid(logits + d) - sigmoid(logits), HNCA's learning signal per logit, as a product
+    without cancellation:
+        d >= 0:  sigmoid(-l) * sigmoid(l + d) * (1 - e^-d)
+        d <  0: -sigmoid(l) * sigmoid(-l - d) * (1 - e^d)
+    """
+    # Both cases are sign(d) * sigmoid(-sign*l) * sigmoid(sign*(l + d)) * (1 - e^-|d|): one
+    # expression without torch.where (it runs once per layer and step; its ops dominate at small B).
+    sign = torch.sign(d)
+    magnitude = d.abs().neg_().expm1_().neg_()  # 1 - e^-|d|
+    posterior = (logits + d).mul_(sign).sigmoid_()
+    return posterior.mul_((logits * sign).neg_().sigmoid_()).mul_(magnitude).mul_(sign)
+
+
 def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of Bernoulli(sigmoid(logits)), elementwise, stable for any logit."""
     return torch.sigmoid(logits) * F.softplus(-logits) + torch.sigmoid(-logits) * F.softplus(logits)

@@ -1,4 +1,4 @@
-"""Triton backend: the counterfactual reductions and a fused BernoulliLinear forward.
+"""Triton backend: the counterfactual reductions.
 
 Design. Each message is two launches: a prologue computing, once per call, everything that
 depends on one index pair only, and a main kernel tiled over (examples, parents) whose loop over
@@ -15,8 +15,8 @@ the children does the O(B * in * out) work with no transcendental per term.
   are autotuned on a GPU (keyed on the shape); the interpreter uses one fixed small tile.
 - Parent values (and class indices) are checked inside the kernels, which read them anyway: a
   bad value clears a flag that the launcher checks on the CPU (the same ValueError as every
-  backend) or ``torch._assert_async`` checks on the GPU. No message call waits for the GPU, and
-  the fused forward's seed is drawn on the device: both can be captured in a CUDA graph.
+  backend) or ``torch._assert_async`` checks on the GPU. No message call waits for the GPU: a
+  call can be captured in a CUDA graph.
 
 Bernoulli children (``reference.bernoulli_log_ratio``; MATH.md section 1). Each term is a factor
 r = u + v*E, E = exp(-s*W*Delta) one of the two table entries: exp(+w*W) exactly where "parent at
@@ -60,9 +60,6 @@ with a per-column max m+- (2 FFMA per term, both sums kept, the side picked at t
 instructions a term with the loads), one log per (b, i). A tile holding a column whose spread
 w*(max_k W - min_k W) exceeds the limit (a sum could lose its dominant term to underflow) takes
 the logsumexp form instead (two exps per term); no matrix unit is used, so TF32 cannot enter.
-
-The fused forward computes logits = x @ W.T + b with tl.dot and samples from them in the same
-program, from a seed tensor drawn on the input's device (see ``bernoulli_linear``).
 """
 
 from __future__ import annotations
@@ -87,7 +84,6 @@ __all__ = [
     "bernoulli_log_ratio",
     "categorical_log_ratio",
     "entropy_delta",
-    "bernoulli_linear",
     "unsupported_reason",
     "load_reason",
 ]
@@ -516,40 +512,6 @@ if triton is not None:
             d = tl.where(at_lo, -lse, lse)
         tl.store(d_ptr + rows[:, None] * IN + cols[None, :], d, mask=mask)
 
-    # ---- fused BernoulliLinear forward ---------------------------------------------------------
-
-    @triton.jit
-    def _bernoulli_linear_kernel(
-        x_ptr, w_ptr, b_ptr, logits_ptr, sample_ptr, seed_ptr,
-        B, IN, OUT, lo, hi,
-        HAS_BIAS: tl.constexpr, ACC_T: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        outs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-        row_ok = rows < B
-        out_ok = outs < OUT
-        acc = tl.zeros([BLOCK_B, BLOCK_O], ACC_T)
-        for k0 in range(0, IN, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < IN
-            xt = tl.load(x_ptr + rows[:, None] * IN + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_ptr + outs[None, :] * IN + ks[:, None], mask=k_ok[:, None] & out_ok[None, :], other=0.0)
-            if UPCAST:
-                xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION, out_dtype=ACC_T)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + outs, mask=out_ok, other=0.0).to(ACC_T)[None, :]
-        logits = acc.to(logits_ptr.dtype.element_ty)
-        mask = row_ok[:, None] & out_ok[None, :]
-        offsets = rows[:, None] * OUT + outs[None, :]
-        tl.store(logits_ptr + offsets, logits, mask=mask)
-        # the unit fires where uniform < sigmoid(stored logit); uniform = tl.rand(seed, b*out + j),
-        # the seed read from device memory (graph-capturable: a replay reads the new seed)
-        seed = tl.load(seed_ptr)
-        fired = tl.rand(seed, offsets) < tl.sigmoid(logits.to(tl.float32))
-        tl.store(sample_ptr + offsets, tl.where(fired, hi, lo), mask=mask)
-
     _INTERPRETED = type(_entropy_kernel).__name__ == "InterpretedFunction"
 else:
     _INTERPRETED = False
@@ -785,74 +747,6 @@ def categorical_log_ratio(x, weight, logits, a, lo, hi):
             dict(LO=lo_x, HI=hi_x, LIMIT=_SPREAD_LIMIT[dt], ACCURATE=accurate))
     _check(ok, lo, hi, K)
     return d
-
-
-# ---- fused BernoulliLinear forward ---------------------------------------------------------
-
-def _launch_bernoulli_linear(x, weight, bias, lo, hi, seed):
-    B, n_in = x.shape
-    n_out = weight.shape[0]
-    logits = torch.empty(B, n_out, dtype=x.dtype, device=x.device)
-    sample = torch.empty(B, n_out, dtype=weight.dtype, device=x.device)
-    if logits.numel():
-        if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and x.is_cuda:
-            precision = "tf32"  # as F.linear does under the same flag
-        else:
-            precision = "ieee"
-        acc_t = tl.float64 if x.dtype == torch.float64 else tl.float32
-        # tl.dot needs every block dimension >= 16; masks cover the rest
-        bb = max(16, min(64, triton.next_power_of_2(B)))
-        bo = max(16, min(64, triton.next_power_of_2(n_out)))
-        bk = max(16, min(32, triton.next_power_of_2(n_in)))
-        _bernoulli_linear_kernel[(triton.cdiv(B, bb), triton.cdiv(n_out, bo))](
-            x, weight, bias if bias is not None else x, logits, sample, seed, B, n_in, n_out, lo, hi,
-            HAS_BIAS=bias is not None, ACC_T=acc_t, PRECISION=precision,
-            # the interpreter (triton 3.9) multiplies bfloat16 blocks as their raw uint16 bits
-            UPCAST=_INTERPRETED and x.dtype == torch.bfloat16,
-            BLOCK_B=bb, BLOCK_O=bo, BLOCK_K=bk,
-        )
-    return logits, sample
-
-
-class _BernoulliLinearFunction(torch.autograd.Function):
-    """Fused logits and sample forward; the ordinary linear backward for the logits."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lo, hi, seed):
-        logits, sample = _launch_bernoulli_linear(x, weight, bias, lo, hi, seed)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(sample)
-        return logits, sample
-
-    @staticmethod
-    def backward(ctx, grad_logits, _grad_sample):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad_logits @ weight if need_x else None
-        grad_w = grad_logits.t() @ x if need_w else None
-        grad_b = grad_logits.sum(0) if need_b and ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None, None, None
-
-
-def bernoulli_linear(x, weight, bias, lo, hi, seed=None):
-    """Logits ``x @ weight.T + bias`` [B, out] and a Bernoulli sample of them, in one kernel.
-
-    The sample holds ``hi`` where ``tl.rand(seed, b * out + j) < sigmoid(logits[b, j])``, else
-    ``lo``, in ``weight``'s dtype. ``seed`` (an int, or a one-element int64 tensor on x's device)
-    defaults to one drawn with ``torch.randint`` on x's device: ``torch.manual_seed`` reproduces
-    the draws, and no value passes through the host, so the call can be captured in a CUDA graph
-    (each replay draws a new seed). Gradients flow through the logits only.
-
-    >>> logits, h = bernoulli_linear(x, layer.weight, layer.bias, 0.0, 1.0)
-    """
-    if seed is None:
-        seed = torch.randint(2**31, (1,), device=x.device)
-    elif not isinstance(seed, torch.Tensor):
-        seed = torch.full((1,), int(seed), dtype=torch.int64, device=x.device)
-    x, weight = x.contiguous(), weight.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    return _BernoulliLinearFunction.apply(x, weight, bias, float(lo), float(hi), seed)
 
 
 # Exposed for benchmarks/gpu_kernels.py: the autotuned kernels (their .best_config after a call).

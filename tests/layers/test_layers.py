@@ -85,6 +85,7 @@ def test_trunk_receives_gradient_and_loss_value_is_minus_mean_reward():
     assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_training_improves_reward():
     """A small network learns a 4-class task from reward alone with either estimator."""
     torch.manual_seed(0)

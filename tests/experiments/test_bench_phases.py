@@ -8,6 +8,8 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+
+from paths import ROOT  # noqa: E402
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +18,7 @@ from hnca_kernels import MovingAverageBaseline
 from hnca_kernels.backends import is_available
 from hnca_kernels.models import BernoulliVAE
 
-_PATH = Path(__file__).parents[1] / "benchmarks" / "phases.py"
+_PATH = ROOT / "benchmarks" / "phases.py"
 _spec = importlib.util.spec_from_file_location("hnca_bench_phases", _PATH)
 phases = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(phases)

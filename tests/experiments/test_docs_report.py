@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pytest
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+from paths import ROOT  # noqa: E402
+
+DOCS = ROOT / "docs"
 sys.path.insert(0, str(DOCS))
 import experiments  # noqa: E402
 import report  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the docs scripts
 
 
 def _run(path: Path, rows: list[dict], config: dict | None = None) -> Path:

@@ -178,7 +178,7 @@ def test_enumeration_detects_a_biased_estimator():
     model, params, x, reward = _problem(skip, False)
     truth = exact_gradient(model, params, x, reward)
     original = layers.functional.hnca_logit_credit
-    layers.functional.hnca_logit_credit = lambda logits, d: torch.sigmoid(logits) * torch.sigmoid(-logits) * torch.expm1(d)
+    layers.functional.hnca_logit_credit = lambda logits, d, **kw: torch.sigmoid(logits) * torch.sigmoid(-logits) * torch.expm1(d)
     try:
         # the reference backend: the cpp one would use its fused credit, not the patched function
         with use_backend("reference"):

@@ -29,8 +29,10 @@ from hnca_kernels.experiments.rundir import CHECKPOINT, CONFIG, METRICS, UsageEr
 from hnca_kernels.experiments.world import World
 from hnca_kernels.metrics import linear_gradient_square_sum, linear_gradient_variance
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("HNCA_DATA_DIR", "/work/shared/data/mnist"))
+from paths import ROOT  # noqa: E402
+from paths import SHARED  # noqa: E402
+
+pytestmark = pytest.mark.slow  # ranks and commands as processes of their own
 HAVE_MNIST = (SHARED / "t10k-labels-idx1-ubyte.gz").exists()
 needs_ranks = pytest.mark.skipif(not (HAVE_MNIST and dist.is_available() and dist.is_gloo_available()),
                                  reason=f"needs torch.distributed with gloo and the MNIST files in {SHARED}")

@@ -19,7 +19,7 @@ from hnca_kernels.models import UNBIASED_ESTIMATORS as ESTIMATORS, BernoulliVAE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU_BACKENDS = [b for b in ("triton", "cuda", "reference") if torch.cuda.is_available() and is_available(b, "cuda")]
-SHARED = Path(os.environ.get("HNCA_DATA_DIR", "/work/shared/data/mnist"))
+from paths import SHARED  # noqa: E402
 
 
 class Dag(torch.nn.Module):

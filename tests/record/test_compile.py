@@ -5,8 +5,9 @@ same draws. Slow (each compiles for tens of seconds): ``-m slow``."""
 import pytest
 import torch
 
-from hnca_kernels import backends, record
+from hnca_kernels import BernoulliLinear, CategoricalLinear, StochasticSequential, backends, record
 from hnca_kernels.models import BernoulliVAE, CategoricalVAE
+from test_record import SkipNet
 
 pytestmark = pytest.mark.slow
 
@@ -75,3 +76,27 @@ def test_a_record_of_a_users_program_compiles():
     step(x).backward()
     for f, e in zip(fast, _grads(vae)):
         torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-6)
+
+
+def _train_step(model, x, label):
+    with record() as rec:
+        action = model(x)
+    reward = (action == label).float()
+    return rec.surrogate_loss(reward, baseline=0.25)
+
+
+def test_compiled_step_equals_eager_on_the_same_samples():
+    """torch.compile(fullgraph=True) of a whole step (record, reward, surrogate), chain and DAG."""
+    chain = StochasticSequential(BernoulliLinear(6, 8, centered=True), BernoulliLinear(8, 5), CategoricalLinear(5, 3))
+    for model in (chain, SkipNet()):
+        x, label = torch.randn(9, 6), torch.randint(0, 3, (9,))
+        compiled = torch.compile(_train_step, fullgraph=True)
+        torch.manual_seed(3)
+        compiled(model, x, label).backward()
+        fast = _grads(model)
+        model.zero_grad()
+        torch.manual_seed(3)
+        _train_step(model, x, label).backward()
+        for f, e in zip(fast, _grads(model)):
+            torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-6)
+        assert any(g.abs().sum() > 0 for g in fast)

@@ -18,9 +18,11 @@ import torch
 from hnca_kernels.cli import main
 from hnca_kernels.experiments.rundir import CHECKPOINT, CONFIG, METRICS, RunDir, loads_strict, read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("HNCA_DATA_DIR", "/work/shared/data/mnist"))
-pytestmark = pytest.mark.skipif(not (SHARED / "t10k-labels-idx1-ubyte.gz").exists(), reason=f"no MNIST files in {SHARED}")
+from paths import ROOT  # noqa: E402
+from paths import SHARED  # noqa: E402
+# every case is a process of its own (the command as a user runs it): the slow tier
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (SHARED / "t10k-labels-idx1-ubyte.gz").exists(),
+                                                  reason=f"no MNIST files in {SHARED}")]
 
 DATA = ["--data-dir", str(SHARED), "--limit-train", "200", "--limit-test", "50", "--no-progress"]
 VAE = ["vae", "--layers", "1", "--hidden", "16", "--test-samples", "5", "--device", "cpu", *DATA]

@@ -22,8 +22,8 @@ import hnca_kernels
 from hnca_kernels import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential, record
 from hnca_kernels.models import UNBIASED_ESTIMATORS as ESTIMATORS, BernoulliVAE
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available in this torch build")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available in this torch build")]
 
 WORLD, HALF = 2, 5             # each rank takes HALF examples of a batch of WORLD * HALF
 DT = torch.float64

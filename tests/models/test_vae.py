@@ -430,7 +430,7 @@ from pathlib import Path  # noqa: E402
 
 from hnca_kernels.cli import main  # noqa: E402
 
-SHARED = Path(os.environ.get("HNCA_DATA_DIR", "/work/shared/data/mnist"))
+from paths import SHARED  # noqa: E402
 needs_mnist = pytest.mark.skipif(not (SHARED / "t10k-labels-idx1-ubyte.gz").exists(), reason=f"no MNIST files in {SHARED}")
 
 
@@ -446,6 +446,7 @@ def without_time(records):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_cli_end_to_end_resume_and_sample(tmp_path, capsys):
     """--resume --epochs 6 after 3 epochs equals a 6-epoch run (metrics and weights), although the

@@ -265,31 +265,3 @@ def test_every_way_of_building_a_sequential_is_checked(change):
          "extend": lambda: net.extend([bad]), "setitem": lambda: net.__setitem__(1, bad),
          "iadd": lambda: net.__iadd__(StochasticSequential(bad))}[change]()
     assert list(net) == before
-
-
-def _train_step(model, x, label):
-    with record() as rec:
-        action = model(x)
-    reward = (action == label).float()
-    return rec.surrogate_loss(reward, baseline=0.25)
-
-
-def test_compiled_step_equals_eager_on_the_same_samples():
-    """torch.compile(fullgraph=True) of a whole step (record, reward, surrogate), chain and DAG."""
-    pytest.importorskip("torch._inductor")
-    if not hnca_kernels.backends.is_available("cpp", "cpu"):
-        pytest.skip("cpp backend unavailable")
-    torch._inductor.config.fallback_random = True  # the same random draws as eager
-    chain = StochasticSequential(BernoulliLinear(6, 8, centered=True), BernoulliLinear(8, 5), CategoricalLinear(5, 3))
-    for model in (chain, SkipNet()):
-        x, label = torch.randn(9, 6), torch.randint(0, 3, (9,))
-        compiled = torch.compile(_train_step, fullgraph=True)
-        torch.manual_seed(3)
-        compiled(model, x, label).backward()
-        fast = _gradients(model)
-        model.zero_grad()
-        torch.manual_seed(3)
-        _train_step(model, x, label).backward()
-        for f, e in zip(fast, _gradients(model)):
-            torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-6)
-        assert any(g.abs().sum() > 0 for g in fast)

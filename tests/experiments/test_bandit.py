@@ -12,7 +12,7 @@ from hnca_kernels import BernoulliLinear, CategoricalLinear, StochasticSequentia
 from hnca_kernels.cli import main
 from hnca_kernels.experiments.rundir import CHECKPOINT, CONFIG, METRICS, read_metrics
 
-SHARED = Path(os.environ.get("HNCA_DATA_DIR", "/work/shared/data/mnist"))
+from paths import SHARED  # noqa: E402
 needs_mnist = pytest.mark.skipif(not (SHARED / "t10k-labels-idx1-ubyte.gz").exists(), reason=f"no MNIST files in {SHARED}")
 QUICK = ["--limit-train", "300", "--limit-test", "100", "--width", "16", "--no-progress", "--data-dir", str(SHARED)]
 
@@ -60,6 +60,7 @@ def test_gradient_variance_matches_per_example_autograd(depth, estimator, center
     assert metric == pytest.approx(expected, rel=1e-10)
 
 
+@pytest.mark.slow
 def test_hnca_variance_is_below_reinforce_on_the_same_samples():
     """Theorem 1 per parameter, checked on many replayed draws of a small fixed network."""
     torch.manual_seed(0)
@@ -83,6 +84,7 @@ def _weights(run_dir):
     return torch.load(Path(run_dir) / CHECKPOINT, weights_only=False)["model"]
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_resume_equals_uninterrupted_run(tmp_path):
     """--resume --epochs 6 after a 3-epoch run equals a 6-epoch run: metrics and weights."""
@@ -100,6 +102,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert _metrics(tmp_path / "other")[0] != straight[0]
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_resume_drops_the_line_of_an_epoch_without_checkpoint(tmp_path, capsys):
     """A crash between the metrics line and the checkpoint: the epoch is redone, not duplicated."""
@@ -142,6 +145,7 @@ def test_bad_configurations_are_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "nodata").exists()  # a failed start leaves no directory behind
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_cli_end_to_end_then_plot(tmp_path, capsys):
     runs = []

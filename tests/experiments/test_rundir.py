@@ -15,7 +15,7 @@ import torch
 from hnca_kernels.experiments import rundir
 from hnca_kernels.experiments.rundir import CHECKPOINT, CONFIG, METRICS, CommandError, RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT  # noqa: E402
 CONFIG_A = {"experiment": "vae", "lr": 1e-4, "seed": 0, "epochs": 5}
 KEYS = ("lr", "seed")
 
@@ -42,6 +42,7 @@ def _make_run(path, epochs):
 
 # ----------------------------------------------------------------------------- lock
 
+@pytest.mark.slow
 def test_second_process_on_a_locked_directory_fails_fast(tmp_path):
     """A real second process: `hnca vae` on a directory this process holds fails at once."""
     with _start(tmp_path / "run"):
@@ -57,6 +58,7 @@ def test_second_process_on_a_locked_directory_fails_fast(tmp_path):
     assert elapsed < 60  # it never reached the data (which does not exist here)
 
 
+@pytest.mark.slow
 def test_lock_is_held_for_the_runs_life_and_released(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from hnca_kernels.experiments.rundir import RunDir; "

@@ -14,6 +14,8 @@ import traceback
 from pathlib import Path
 
 import pytest
+
+from paths import ROOT  # noqa: E402
 import torch
 import torch.nn as nn
 
@@ -22,7 +24,7 @@ from hnca_kernels import BernoulliLinear, CategoricalLinear, record
 from enumeration import estimator_mean_batched, exact_gradient_batched
 
 DT = torch.float64
-PACKAGE = str(Path(__file__).resolve().parent.parent / "hnca_kernels")
+PACKAGE = str(ROOT / "hnca_kernels")
 MAX_CONFIGURATIONS = 64
 
 

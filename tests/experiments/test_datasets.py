@@ -20,9 +20,10 @@ from hnca_kernels.cli import main
 from hnca_kernels.data import DatasetError, load_dataset, load_mnist
 from hnca_kernels.experiments.rundir import CHECKPOINT, CONFIG, METRICS, read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("HNCA_DATA_DIR", "/work/shared/data/mnist"))
-pytestmark = pytest.mark.skipif(not (SHARED / "t10k-labels-idx1-ubyte.gz").exists(), reason=f"no MNIST files in {SHARED}")
+from paths import ROOT  # noqa: E402
+from paths import SHARED  # noqa: E402
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (SHARED / "t10k-labels-idx1-ubyte.gz").exists(),
+                                                  reason=f"no MNIST files in {SHARED}")]
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 TINY = ["--limit-train", "200", "--limit-test", "50", "--no-progress"]

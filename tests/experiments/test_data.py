@@ -12,7 +12,7 @@ import torch
 from hnca_kernels import data
 from hnca_kernels.data import MNISTError, binarize, load_mnist
 
-SHARED = Path(os.environ.get("HNCA_DATA_DIR", "/work/shared/data/mnist"))
+from paths import SHARED  # noqa: E402
 needs_mnist = pytest.mark.skipif(not (SHARED / "t10k-labels-idx1-ubyte.gz").exists(), reason=f"no MNIST files in {SHARED}")
 TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
