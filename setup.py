@@ -44,7 +44,9 @@ def _extensions():
                                                             "nvcc": [*config.NVCC_FLAGS, "-DHNCA_PYTHON_MODULE"]}))
 
     class Build(BuildExtension):
-        """A failed CUDA library is left out (with one line); the CPU library must build."""
+        """A failed CUDA library is left out (with one line); the CPU library must build. Beside each
+        library a file names the torch it was built against: the loader takes a library only with
+        that torch (an extension is tied to torch's version), else it builds anew on first use."""
 
         def build_extension(self, ext):
             try:
@@ -54,6 +56,16 @@ def _extensions():
                     raise
                 print(f"hnca-kernels: the CUDA kernels failed to build ({exc}); the CPU ops are installed, "
                       "the cuda backend will try a build on first use", file=sys.stderr)
+
+        def run(self):
+            super().run()
+            # beside the built library, and beside its copy in the source tree (an editable install)
+            for ext in self.extensions:
+                name = ext.name.rsplit(".", 1)[-1]
+                built = Path(self.get_ext_fullpath(ext.name))
+                for folder in {built.parent, HERE / "hnca_kernels"}:
+                    if any(folder.glob(f"{name}.*.so")) or any(folder.glob(f"{name}.so")):
+                        (folder / f"{name}.torch").write_text(torch.__version__)
 
     return extensions, {"build_ext": Build.with_options(no_python_abi_suffix=False)}
 

@@ -11,8 +11,8 @@ namespace hnca {
 
 // A chunk of children whose summed bound w*max_i|W[j, i]| stays within kChunkRange keeps every
 // partial product of its factors in [e^-4, e^4], where q = product - 1 loses at most e^4 ulp.
-// NOTE: 4 still lets chunks of Glorot-initialised 1024-wide layers (w*max|W| ~ 0.11 with +-1
-// units) hold ~37 children, so the one log1p per chunk costs little beside the products.
+// 4 still lets chunks of Glorot-initialised 1024-wide layers (w*max|W| ~ 0.11 with +-1 units)
+// hold ~37 children, so the one log1p per chunk costs little beside the products.
 constexpr double kChunkRange = 4.0;
 
 // Half and bfloat16 inputs are computed in float32; float64 stays float64.
@@ -34,10 +34,9 @@ inline at::Tensor new_output(const at::Tensor& x, at::ScalarType dtype) {
 // Every argument of a registered op is checked here, before a kernel reads it: the ops are public
 // (torch.ops.hnca.*) and must never read out of bounds. Shapes, devices and values raise ValueError
 // (TORCH_CHECK_VALUE), dtypes TypeError (TORCH_CHECK_TYPE), as hnca_kernels.functional does.
-// Error messages here and in the kernels are string literals only, never formatted values.
-// NOTE: on the H100 machine (torch 2.11, CUDA and CPU-only builds alike) a TORCH_CHECK whose
-// message formatted numbers (c10::str through an ostringstream) crashed the process instead of
-// raising; literal-only messages were raised as usual.
+// Error messages here and in the kernels are string literals only, never formatted values: with
+// torch 2.11 a TORCH_CHECK whose message formatted numbers (c10::str through an ostringstream)
+// crashed the process instead of raising (benchmarks/RESULTS.md, the H100 session).
 inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& logits, double lo,
                          double hi) {
   TORCH_CHECK_VALUE(x.device() == weight.device() && x.device() == logits.device(),

@@ -1,7 +1,7 @@
 // CPU kernels of the counterfactual reductions, registered as torch ops hnca::*.
 //
 // The reference (hnca_kernels/ops/reference.py) evaluates two log-sigmoids per (b, i, j). The
-// Bernoulli message here uses MATH.md section 1: with v = sigmoid(-s*l) per (example, child) and
+// Bernoulli message here uses docs/math.md, section 1: with v = sigmoid(-s*l) per (example, child) and
 // the tables expm1(+w*W), expm1(-w*W) computed once per call, each term is -log(1 + delta) with
 // delta = v * (A - 1), A - 1 read from one of the two tables. The factors 1 + delta of a chunk of
 // children are multiplied as q = prod - 1 (q <- q + delta + q*delta), and one vector log1p(q) per

@@ -25,7 +25,7 @@
 // - No host synchronisation: bounds are computed on the device; parent values (and class
 //   indices) are checked inside the kernels, which clear a flag of a per-device pair that
 //   at::_assert_async checks (a device-side assert, as for an out-of-range index).
-// NOTE (sm_90 SASS of the inner loops, nvcc 13, float32): Bernoulli 167 instructions for a
+// What the inner loops cost (their sm_90 SASS, nvcc 13, float32): Bernoulli 167 instructions for a
 // thread's 32 terms of a child, 5.2 a term (LOP3 extracting the parent's side from a bit field the
 // compiler packs, FSETP.XOR with the child's sample, FSEL, 2 FFMA), 128 registers (4 blocks of 4
 // warps per SM); keeping x in registers instead (the entropy's `hi_here`) gives 5.0 a term at 168

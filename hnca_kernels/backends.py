@@ -24,10 +24,8 @@ import torch
 
 BACKENDS = ("reference", "triton", "cpp", "cuda")
 
-# Fastest first, per device type, for ``backend=None``.
-# NOTE: on an H200 (2026-11-27, benchmarks/RESULTS.md) whole HNCA steps ran faster with the CUDA
-# kernels than with Triton's: 75 vs 129 ms at B=4096, 4096-wide, 0.57 vs 0.62 ms graphed at the
-# paper's shape (Triton's fused forward, an FP32 tl.dot, also lost to cuBLAS at the large shape).
+# Fastest first, per device type, for ``backend=None``: on a GPU whole HNCA steps run faster with
+# the CUDA kernels than with Triton's (benchmarks/RESULTS.md, the H200 session).
 _AUTO_ORDER = {
     "cpu": ("cpp", "reference"),
     "cuda": ("cuda", "triton", "reference"),
@@ -107,7 +105,7 @@ def _choose(name: str | None, device_type: str) -> str:
 
 
 # What torch.compiler.assume_constant_result(_choose) does, without its import of torch._dynamo
-# NOTE: that import made `import hnca_kernels` take 4.4 s of CPU instead of ~2 s
+# (which would double the time `import hnca_kernels` takes)
 _choose._dynamo_marked_constant = True
 
 

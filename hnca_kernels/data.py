@@ -86,7 +86,8 @@ def _download(directory: Path, name: str) -> None:
             errors.append(f"{url}: {exc}")
             if "tmp" in locals() and os.path.exists(tmp.name):
                 os.unlink(tmp.name)
-    raise MNISTError(f"could not download {name} ({'; '.join(errors)})")
+    raise MNISTError(f"could not download {name} ({'; '.join(errors)}); offline, put the four IDX files in a "
+                     "directory and pass it (--data-dir, or HNCA_DATA_DIR)")
 
 
 def _parse_idx(data: bytes, name: str) -> np.ndarray:
@@ -102,12 +103,13 @@ def _parse_idx(data: bytes, name: str) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
-def _locate(root) -> tuple[Path, bool]:
+def _locate(root) -> tuple[Path, bool, str]:
+    """(the directory, whether it may be downloaded into, where its name came from)."""
     if root is not None:
-        return Path(root), False
+        return Path(root), False, "the directory given"
     if os.environ.get("HNCA_DATA_DIR"):
-        return Path(os.environ["HNCA_DATA_DIR"]), False
-    return default_cache_dir(), True
+        return Path(os.environ["HNCA_DATA_DIR"]), False, "HNCA_DATA_DIR"
+    return default_cache_dir(), True, "the default cache"
 
 
 def load_mnist(split: str = "train", root: str | os.PathLike | None = None, download: bool = True):
@@ -118,7 +120,7 @@ def load_mnist(split: str = "train", root: str | os.PathLike | None = None, down
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    directory, may_download = _locate(root)
+    directory, may_download, source = _locate(root)
     arrays = []
     for name in _SPLITS[split]:
         data = _read_file(directory, name)
@@ -126,7 +128,12 @@ def load_mnist(split: str = "train", root: str | os.PathLike | None = None, down
             _download(directory, name)
             data = _read_file(directory, name)
         if data is None:
-            hint = "pass a directory, set HNCA_DATA_DIR, or allow the download" if not may_download else "download disabled"
+            if source == "HNCA_DATA_DIR":
+                hint = "the directory HNCA_DATA_DIR names; check it, or unset it to download into the cache"
+            elif not may_download:
+                hint = "pass the directory of the four IDX files, or set HNCA_DATA_DIR, or leave both out to download"
+            else:
+                hint = "download disabled"
             raise MNISTError(f"{name}[.gz] not found in {directory} ({hint})")
         if hashlib.md5(data).hexdigest() != MNIST_FILES[name]:
             raise MNISTError(f"{directory / name}: checksum mismatch (corrupt or truncated file); delete it and retry")

@@ -178,8 +178,8 @@ class BernoulliLinear(_StochasticLinear):
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         lo, hi = self.values
         with torch.no_grad():
-            # u < p written into u's own memory as 1.0 / 0.0 (the same draws and comparisons)
-            # NOTE: at 50 x 200, `u < p` and the bool -> float cast took 17 + 18 us, lt_ 3 us.
+            # u < p written into u's own memory as 1.0 / 0.0 (the same draws and comparisons): no
+            # bool tensor and no cast, a few times faster at the paper's shape (benchmarks/RESULTS.md)
             fired = torch.rand_like(logits, dtype=torch.float32).lt_(torch.sigmoid(logits.float()))
             fired = fired.to(self.weight.dtype)
             if (lo, hi) == (0.0, 1.0):

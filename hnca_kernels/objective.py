@@ -14,7 +14,7 @@ autograd's gradient of its own entropy). For unit j of sampled call c every comp
                 that takes c's sample, or the sample of such a call, and so on;
     neither     left out: it does not depend on c's sample given c's inputs.
 
-f-HNCA's estimate for the unit is, with rho(phi) from c's sampled children (docs/math.md),
+f-HNCA's estimate for the unit is, with rho(phi) from c's sampled children (docs/math.md, section 2),
 
     sum_phi d pi_j(phi)/d theta * [ rho(phi) * (S_c - b_c + sum_{orange k} (f_k(phi) - f_k(drawn)))
                                     + sum_{green k} f_k(phi) ]

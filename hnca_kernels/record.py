@@ -679,9 +679,8 @@ class _SurrogateLoss(torch.autograd.Function):
     """Value -mean(R); gradient -score_k / B with respect to each call's logits_k.
 
     The same as ``C - sum_k (logits_k * score_k).sum() / B - mean(R)`` with C its detached value,
-    without building that graph of small ops and backward nodes.
-    NOTE: with the single finiteness check of the learning signal, the paper-shape step (B=50,
-    1 thread, CPU time) went from 3.78-3.92 to 3.67 ms.
+    without building that graph of small ops and backward nodes; one finiteness check of the
+    learning signal covers every score (benchmarks/RESULTS.md has what both saved).
     """
 
     @staticmethod

@@ -12,7 +12,7 @@ estimator's score-function part) plus autograd's direct gradient of its analytic
 Indexing in the code: h[0] = X, h[k] = Phi_k. encoder[k] maps h[k] to the logits of h[k+1];
 decoder[k] maps h[k+1] to the logits of h[k]; logp[k] [B, n_k] is log p_k(h[k] | h[k+1]) per
 unit, logp[L] the prior's; ent[k] [B] = H(q_{k+1}(. | h[k])). For encoder layer k (the units
-h[k+1]) the components split as in MATH.md section 3:
+h[k+1]) the components split as in docs/math.md, section 3:
     upstream U_k = sum_{m<k} logp[m] + sum_{i<=k} ent[i]        (left out)
     green        = logp[k] + ent[k+1] (+ the prior's unit j at the top)
     mediated S_k = sum_{m>k} logp[m] + sum_{i>k+1} ent[i]      (orange + pink)

@@ -47,21 +47,22 @@ _TEST_STREAMS = (1, 2)  # derived_seed(seed, epoch, s): the test binarization, t
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bandit", help="contextual-bandit MNIST (paper Figure 1)",
+    p = subparsers.add_parser("bandit", formatter_class=common.HelpFormatter, help="contextual-bandit MNIST (paper Figure 1)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, choices=(1, 2, 3), default=1, help="hidden Bernoulli layers (default 1)")
     p.add_argument("--width", type=positive_int, default=200, help="units per hidden layer (default 200)")
-    p.add_argument("--estimator", choices=ESTIMATORS, default="hnca")
+    p.add_argument("--estimator", choices=ESTIMATORS, default="hnca", help="HNCA or REINFORCE")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="subtract a 0.99 moving average of earlier batches' rewards (default on)")
-    p.add_argument("--epochs", type=positive_int, default=100)
+    p.add_argument("--epochs", type=positive_int, default=100, help="epochs to train (the paper's length)")
     p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default 1e-4)")
-    p.add_argument("--batch-size", type=positive_int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=50, help="examples per update (over all processes)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the run")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     p.add_argument("--backend", choices=BACKENDS, default=None, help="message-pass backend (default: fastest available)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", type=Path, required=True, help="output directory (metrics.jsonl, config.json, checkpoint.pt)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run directory: metrics.jsonl, config.json, checkpoint.pt (default "
+                        "runs/bandit-[<dataset>-]L<layers>-<estimator>[-nobaseline]-s<seed>)")
     common.add_data_options(p)
     common.add_run_options(p)
     p.set_defaults(func=run)
@@ -252,8 +253,10 @@ def _run(args, world: World) -> int:
     if args.backend is not None and (reason := unavailable_reason(args.backend, device)) is not None:
         raise UsageError(f"--backend {args.backend} cannot run on {device}: {reason}")
     world.check_options(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    common.set_threads(args)
+    data = "" if args.dataset == "mnist" else f"{args.dataset}-"
+    args.out = args.out or Path("runs") / (f"bandit-{data}L{args.layers}-{args.estimator}"
+                                           f"{'' if args.baseline else '-nobaseline'}-s{args.seed}")
     config = {k: getattr(args, k) for k in RUN_KEYS}
     config.update(experiment="bandit", epochs=args.epochs, device=str(device), backend=args.backend,
                   on_nonfinite=args.on_nonfinite, world_size=world.size)

@@ -41,8 +41,22 @@ def positive_float(value: str) -> float:
     return number
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with each option's default where its help does not say it already."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        default = action.default
+        if ("default" not in help and default is not None and default is not False and default != argparse.SUPPRESS
+                and action.option_strings and action.nargs != 0):
+            help += f" (default {action.default})" if help else f"default {action.default}"
+        return help
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options every training command has, with the same meaning."""
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads in this process (default: torch's choice; under torchrun one each)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--on-nonfinite", choices=ON_NONFINITE, default="stop",
                    help="a non-finite loss or gradient: stop (keeping the last checkpoint, exit 1; default) or "
@@ -51,6 +65,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="on a GPU, capture each training step in a CUDA graph and replay it (default on; "
                         "--on-nonfinite skip runs eagerly)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def set_threads(args) -> None:
+    """``--threads``: torch's CPU threads in this process."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
 
 def resolve_device(name: str) -> torch.device:

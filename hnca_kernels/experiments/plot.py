@@ -11,9 +11,11 @@ that label is not unique; its final value is written at the end of its line.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
+from . import common
 from .rundir import CONFIG, METRICS, CommandError, UsageError, experiment_of, one_line, read_json, read_metrics
 
 _KINDS = ("bandit", "vae")
@@ -21,10 +23,11 @@ _LEFT = {"bandit": ("accuracy", "train (dotted), test (solid)"), "vae": ("ELBO",
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("plot", help="plot runs' learning curves and gradient variance",
+    p = subparsers.add_parser("plot", formatter_class=common.HelpFormatter, help="plot runs' learning curves and gradient variance",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (config.json, metrics.jsonl)")
-    p.add_argument("-o", "--output", type=Path, default=Path("figure.png"), help="PNG to write (default figure.png)")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="PNG to write (default: figure.png in the run directory, or in the directory holding the runs)")
     p.add_argument("--title", default=None)
     p.add_argument("--table", action="store_true", help="also print a markdown table of each run's final epoch")
     p.set_defaults(func=run)
@@ -132,6 +135,7 @@ def plot_runs(run_dirs, output: Path, title: str | None = None) -> Path:
         right.set_ylabel("log mean gradient variance")
         right.set_title(row_name, fontsize=9)
         for ax in (left, right):
+            ax.margins(x=0.12)  # room for the last value's label right of each curve
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
@@ -142,7 +146,7 @@ def plot_runs(run_dirs, output: Path, title: str | None = None) -> Path:
     output = Path(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(output, dpi=120, format="png")
+        fig.savefig(output, dpi=120, format="png", bbox_inches="tight")
     except OSError as exc:
         raise CommandError(f"cannot write {output}: {one_line(exc)}") from None
     finally:
@@ -171,7 +175,16 @@ def results_table(run_dirs) -> str:
     return "\n".join(rows)
 
 
+def default_output(runs) -> Path:
+    """figure.png in the one run directory, or in the directory that holds them all."""
+    if len(runs) == 1:
+        return Path(runs[0]) / "figure.png"
+    return Path(os.path.commonpath([str(Path(r).resolve()) for r in runs])) / "figure.png"
+
+
 def run(args) -> int:
+    if args.output is None:
+        args.output = default_output(args.runs)
     if args.output.suffix.lower() != ".png":
         raise UsageError(f"-o/--output must name a .png file, got {args.output}")
     print(plot_runs(args.runs, args.output, args.title))

@@ -60,7 +60,12 @@ def _cpp_extension():
 
 
 def _installed(module: str) -> bool:
-    """Import an installed library (its import registers the ops); False if it is not there."""
+    """Import an installed library (its import registers the ops); False if it is not there, or
+    was built against another torch than this one (setup.py writes the version beside it): loading
+    it could not be undone, so the version is read first."""
+    built_for = _PACKAGE / f"{module}.torch"
+    if not built_for.is_file() or built_for.read_text().strip() != torch.__version__:
+        return False
     try:
         importlib.import_module(f"hnca_kernels.{module}")
     except ImportError:

@@ -18,7 +18,7 @@ the children does the O(B * in * out) work with no transcendental per term.
   backend) or ``torch._assert_async`` checks on the GPU. No message call waits for the GPU: a
   call can be captured in a CUDA graph.
 
-Bernoulli children (``reference.bernoulli_log_ratio``; MATH.md section 1). Each term is a factor
+Bernoulli children (``reference.bernoulli_log_ratio``; docs/math.md, section 1). Each term is a factor
 r = u + v*E, E = exp(-s*W*Delta) one of the two table entries: exp(+w*W) exactly where "parent at
 lo" != "child fired". A chunk of children multiplies its factors and takes one log; since
 |log r| <= w*|W[j, i]|, a chunk closes before the children's bounds in it would sum past LIMIT,
@@ -26,7 +26,7 @@ so the product stays a normal float. A child whose bound exceeds LIMIT (its tabl
 is summed per element in softplus form, exact for any weight, in a second loop. Saturated logits
 need no path of their own: with LIMIT = 64 (float32) every table entry is >= e^-64, while u or v
 only underflow below e^-87, where they are below e^-23 of the other term of r (float64: 650, 708).
-NOTE (per-term instructions, read off the sm_90 SASS of the inner loop, triton 3.8): FSETP
+Per-term instructions, read off the sm_90 SASS of the inner loop (triton 3.8): FSETP
 (prod > 0: which table), SEL, FFMA (u + v*E), FMUL (the product): 4, the floor for a select, an
 FMA and a multiply. Neither the parent's side nor the child's sample costs an instruction a
 term: the running product's sign says "at lo != fired" for the current child, and each factor
@@ -50,12 +50,12 @@ even, so with s = sign(l) each term is H(-|l| + c~) - H(-|l|) = log D - n / D wi
 u = sigmoid(-|l|), A = e^c~, delta = u*(A - 1), D = 1 + delta, n = u*((A - 1)*kappa + c~*A),
 kappa = -|l| sigmoid(|l|). The logs multiply as q = prod(D) - 1 (q <- q*D + delta), one log1p per
 chunk of summed bound <= 4 (relative accuracy for saturated children, whose terms are ~u).
-NOTE (per term, SASS): FSETP (x != hi XOR l > 0), 2 SEL (A - 1, c~*A), FMUL (delta), FFMA (D),
+Per term (SASS): FSETP (x != hi XOR l > 0), 2 SEL (A - 1, c~*A), FMUL (delta), FFMA (D),
 FFMA (q), FFMA and FMUL (n), MUFU.RCP (1/D; 16/SM/clk against an issue rate of 128, so at ~10
 instructions a term it does not bind; x / y would add ~8 instructions of range checks) and FFMA:
 10, 11.6 with the loads, against ~40 with two exps, two log1ps and two divisions per term.
 
-Softmax child: the two-GEMM form (MATH.md section 1) fused in one kernel: S+- = pi @ exp(+-w*W - m+-)
+Softmax child: the two-GEMM form (docs/math.md, section 1) fused in one kernel: S+- = pi @ exp(+-w*W - m+-)
 with a per-column max m+- (2 FFMA per term, both sums kept, the side picked at the end: 2.8
 instructions a term with the loads), one log per (b, i). A tile holding a column whose spread
 w*(max_k W - min_k W) exceeds the limit (a sum could lose its dominant term to underflow) takes
@@ -266,17 +266,20 @@ if triton is not None:
         # |prod| is the open chunk's product of factors r. Its sign says which table the next child
         # takes: prod > 0 exactly where "parent at lo" != "child j fired" (E = exp(+w*W) there).
         # Each factor carries the sign sigma that moves this to child j + 1 (see the prologue).
-        fired = tl.load(y_ptr + rows * OUT, mask=row_ok & (OUT > 0), other=0.0).to(acc_t) > 0
+        # (every mask has the block's shape: triton 3.9's interpreter refuses a scalar one, OUT > 0)
+        fired = tl.load(y_ptr + rows * OUT, mask=row_ok & (rows * 0 + OUT > 0), other=0.0).to(acc_t) > 0
         prod = tl.where((x != hi) != fired[:, None], 1.0, -1.0).to(acc_t)
         # The sum of the closed chunks' logs lives in d (a chunk closes every ~LIMIT / (w max|W|)
         # children): a register tile less, for more programs per SM.
         out = d_ptr + rows[:, None] * IN + cols[None, :]
         tl.store(out, tl.zeros([BLOCK_B, BLOCK_I], acc_t), mask=mask)
         spent = 0.0  # sum of the open chunk's bounds: |log prod| <= spent <= LIMIT
-        n_bound = tl.load(bound_ptr, mask=OUT > 0, other=0.0)  # child j + 1's, loaded during child j
+        # child j + 1's bound, loaded during child j (the buffer holds at least one entry; the last
+        # child's "next" is itself, and unused)
+        n_bound = tl.load(bound_ptr)
         for j in range(OUT):
             bound = n_bound
-            n_bound = tl.load(bound_ptr + j + 1, mask=j + 1 < OUT, other=0.0)
+            n_bound = tl.load(bound_ptr + tl.minimum(j + 1, OUT - 1))
             if bound <= LIMIT:
                 if spent + bound > LIMIT:
                     tl.debug_barrier()  # (the same threads read what they wrote; a barrier costs nothing here)
@@ -290,8 +293,9 @@ if triton is not None:
             else:
                 # a wide child, summed below: only its sign change
                 now = tl.load(y_ptr + rows * OUT + j, mask=row_ok, other=0.0).to(acc_t) > 0
-                nxt = tl.load(y_ptr + rows * OUT + j + 1, mask=row_ok & (j + 1 < OUT), other=0.0).to(acc_t) > 0
-                prod = prod * tl.where((j + 1 < OUT) & (now != nxt), -1.0, 1.0).to(acc_t)[:, None]
+                has_next = rows * 0 + j + 1 < OUT
+                nxt = tl.load(y_ptr + rows * OUT + j + 1, mask=row_ok & has_next, other=0.0).to(acc_t) > 0
+                prod = prod * tl.where(has_next & (now != nxt), -1.0, 1.0).to(acc_t)[:, None]
         tl.debug_barrier()
         total = tl.load(out, mask=mask, other=0.0) + tl.log(tl.abs(prod))
         # Wide children (or NaN weights), in a loop of their own so that the product's loop stays
@@ -518,7 +522,7 @@ else:
 
 
 # ---- launchers -----------------------------------------------------------------------------
-# NOTE: the kernels do not specialise on B, in, out (do_not_specialize): one compiled kernel per
+# The kernels do not specialise on B, in, out (do_not_specialize): one compiled kernel per
 # tile serves every shape (a kernel with its unrolled logs compiles in seconds; specialising on
 # divisibility by 16 would compile each config again per shape class, for one vector load of x
 # per program). The row strides LDI, LDB (multiples of 16) stay specialised: the inner loop's
@@ -546,7 +550,7 @@ def _configs(specs):
 
 
 # Candidate tiles (BLOCK_B, BLOCK_I, warps, register cap), untimed until the GPU run
-# (benchmarks/gpu_kernels.py prints the pick). NOTE: what the sm_90 SASS (triton 3.8) says:
+# (benchmarks/gpu_kernels.py prints the pick). What the sm_90 SASS (triton 3.8) says:
 # - The layout is Triton's coalesced one: a warp spans one row of 128 columns (4 per thread),
 #   warps stack along the rows, so a thread holds R = BLOCK_B*BLOCK_I/(128*warps) rows x 4
 #   columns. Per child it loads one 64-bit (u, v) pair per row and one 128-bit vector per table;
@@ -683,7 +687,7 @@ def bernoulli_log_ratio(x, weight, logits, y, lo, hi):
         return d
     tables = torch.empty(n_out, 2, ldi, dtype=dt, device=x.device)  # exp(+c), exp(-c) per child
     uv = torch.empty(n_out, ldb, 2, dtype=dt, device=x.device)  # (u, +-v) per child and example
-    bound = torch.empty(max(n_out, 1), dtype=torch.float32, device=x.device)
+    bound = torch.zeros(max(n_out, 1), dtype=torch.float32, device=x.device)
     accurate = not _INTERPRETED
     if n_out:
         _bernoulli_prologue_kernel[(_prologue_grid(ldb, n_out),)](
