@@ -37,8 +37,17 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int kRows = 2;  // examples per register tile
-constexpr int kVecs = 4;  // vectors of parents per register tile (and per block of the tables)
+// The register tile (examples x vectors of parents; the tables' blocks are kVecs vectors wide).
+// HNCA_ROWS / HNCA_VECS override it for a build (benchmarks/kernel_variants.py times variants
+// against each other: on AVX2 and AVX-512 alike, 2 x 4 measured as fast as any smaller tile).
+#ifndef HNCA_ROWS
+#define HNCA_ROWS 2
+#endif
+#ifndef HNCA_VECS
+#define HNCA_VECS 4
+#endif
+constexpr int kRows = HNCA_ROWS;
+constexpr int kVecs = HNCA_VECS;
 // Bernoulli: examples per task sharing each chunk's tables in L1, and the longest chunk (its
 // tables, 32 children x 2 x 4 vectors, are 16 KiB in float32)
 constexpr int64_t kRowsPerTask = 32;
@@ -853,7 +862,15 @@ at::Tensor logit_credit(const at::Tensor& logits_in, const at::Tensor& d_in) {
 }  // namespace
 }  // namespace hnca
 
-TORCH_LIBRARY(hnca, m) {
+// HNCA_NAMESPACE renames the ops' namespace (default hnca), so that two builds of these kernels
+// can be loaded in one process and timed against each other (benchmarks/kernel_variants.py).
+#ifndef HNCA_NAMESPACE
+#define HNCA_NAMESPACE hnca
+#endif
+#define HNCA_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define HNCA_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+HNCA_LIBRARY(HNCA_NAMESPACE, m) {
   // check: whether the parents' values are checked (the class indices always are: they are indices)
   m.def("bernoulli_log_ratio(Tensor x, Tensor weight, Tensor logits, Tensor y, float lo, float hi, bool check=True) "
         "-> Tensor");
@@ -864,7 +881,7 @@ TORCH_LIBRARY(hnca, m) {
   m.def("categorical_parent_log_ratio(Tensor a, Tensor weight, Tensor logits, Tensor y) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(hnca, CPU, m) {
+HNCA_LIBRARY_IMPL(HNCA_NAMESPACE, CPU, m) {
   m.impl("bernoulli_log_ratio", &hnca::bernoulli_log_ratio);
   m.impl("categorical_log_ratio", &hnca::categorical_log_ratio);
   m.impl("entropy_delta", &hnca::entropy_delta);
