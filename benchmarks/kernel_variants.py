@@ -5,15 +5,20 @@ whose speed drifts, or that other jobs share, hits all variants alike).
 
     python benchmarks/kernel_variants.py AVX2: AVX2:HNCA_ROWS=1 AVX512:
     python benchmarks/kernel_variants.py --shape 50x200x200 AVX2: AVX2:HNCA_MAX_CHUNK=64
+    python benchmarks/kernel_variants.py AVX2@HEAD~1: AVX2:
 
-A variant is CAPABILITY:NAME=VALUE,NAME=VALUE (AVX2, AVX512 or DEFAULT); the first is the baseline.
+A variant is CAPABILITY[@REVISION]:NAME=VALUE,NAME=VALUE (AVX2, AVX512 or DEFAULT; the sources of
+a git revision, else the working tree's); the first is the baseline. The core's FMA peak, measured
+in the same process, is printed beside the throughputs (a narrow term is two multiply-adds).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,14 +29,29 @@ sys.path.insert(0, str(ROOT))
 from hnca_kernels.ops import _build  # noqa: E402
 
 
-def build(index: int, spec: str):
-    capability, _, defines = spec.partition(":")
+def sources(revision: str, into: Path) -> Path:
+    """The csrc directory of a git revision, written under ``into`` (the working tree's without one)."""
+    if not revision:
+        return ROOT / "csrc"
+    into.mkdir(parents=True, exist_ok=True)
+    for name in (_build.CPU_SOURCE, "hnca_common.h"):
+        text = subprocess.run(["git", "show", f"{revision}:csrc/{name}"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout
+        (into / name).write_text(text)
+    return into
+
+
+def build(index: int, spec: str, scratch: Path):
+    target, _, defines = spec.partition(":")
+    capability, _, revision = target.partition("@")
     flags = [f"-D{d}" for d in defines.split(",") if d]
     namespace = f"hnca_variant{index}"
     from torch.utils.cpp_extension import load
 
+    csrc = sources(revision, scratch / f"variant{index}")
     tag = "_".join(d.replace("=", "") for d in defines.split(",") if d) or "base"
-    load(name=f"hnca_variant_{capability.lower()}_{tag}", sources=[str(ROOT / "csrc" / _build.CPU_SOURCE)],
+    tag += f"_{revision.replace('~', 'm').replace('^', 'p')}" if revision else ""
+    load(name=f"hnca_variant_{capability.lower()}_{tag}", sources=[str(csrc / _build.CPU_SOURCE)],
          extra_cflags=[*_build.cxx_flags(capability.upper()), *flags, f"-DHNCA_NAMESPACE={namespace}"],
          extra_ldflags=_build.LINK_FLAGS, is_python_module=False)
     return getattr(torch.ops, namespace)
@@ -51,7 +71,8 @@ def main(argv=None) -> int:
     weight = (torch.rand(n_out, n_in, generator=g) * 2 - 1) * (6 / (n_in + n_out)) ** 0.5
     logits = x @ weight.t() + torch.randn(n_out, generator=g) * 0.1
     y = torch.where(torch.rand(B, n_out, generator=g) < torch.sigmoid(logits), 1.0, -1.0)
-    ops = [build(k, spec) for k, spec in enumerate(args.variants)]
+    with tempfile.TemporaryDirectory() as scratch:
+        ops = [build(k, spec, Path(scratch)) for k, spec in enumerate(args.variants)]
     if args.op == "bernoulli":
         calls = [lambda op=op: op.bernoulli_log_ratio(x, weight, logits, y, -1.0, 1.0, True) for op in ops]
     else:
@@ -68,10 +89,15 @@ def main(argv=None) -> int:
             if r:
                 times[k].append(time.process_time() - start)
     terms = B * n_in * n_out
+    peaks = {spec: op.fma_peak(0.2) for spec, op in zip(args.variants, ops) if hasattr(op, "fma_peak")}
     for spec, t in zip(args.variants, times):
         ratio = statistics.median(a / b for a, b in zip(t, times[0]))
-        print(f"{spec:40s} {statistics.median(t) * 1e3:8.2f} ms  {terms / statistics.median(t) / 1e9:6.2f} G terms/s  "
-              f"{ratio:.3f}x the first")
+        rate = terms / statistics.median(t)
+        limit = f"  {2 * rate / peaks[spec]:4.0%} of FMA peak / 2" if spec in peaks else ""
+        print(f"{spec:40s} {statistics.median(t) * 1e3:8.2f} ms  {rate / 1e9:6.2f} G terms/s  "
+              f"{ratio:.3f}x the first{limit}")
+    for spec, peak in peaks.items():
+        print(f"FMA peak measured by {spec}: {peak / 1e9:.1f} G float32 lanes/s")
     return 0
 
 

@@ -26,6 +26,7 @@
 #include "hnca_common.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -249,21 +250,57 @@ Vectorized<T> chunk_log1p(const Vectorized<T>& q) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// float32: Sleef's 3.5-ulp log of u = 1 + q with Goldberg's correction q / (u - 1) for the
-// rounding of u (exact q where u rounds to 1), in place of its 1-ulp log1p.
-// NOTE: 8.3 instead of 14.2 ns per 16 lanes, at most 4.7 ulp instead of 1.05 (measured over
-// q in [e^-4 - 1, e^4 - 1] and +-2^-k); the log1p was ~40% of a paper-shape message (perf).
-template <>
-Vectorized<float> chunk_log1p(const Vectorized<float>& q) {
-  using Vec = Vectorized<float>;
-  const Vec u = Vec(1.f) + q;
-  const Vec u_minus_1 = u - Vec(1.f);
+// float32, inline and without a division, so that the compiler interleaves a chunk's 8 logs:
+// u = fl(1 + q) = 2^k * m with m in [sqrt(1/2), sqrt(2)), and e = q - (u - 1) the rounding of u
+// (exact: Sterbenz for u in [1/2, 2], and 1 a multiple of u's ulp above). Then
+// log1p(q) = k*ln2 + log1p(f) with f = m - 1 + e*2^-k, log1p(f) = f - f^2/2 + f^3*P(f) with
+// Cephes' logf polynomial P (about 1 ulp on that range). q tiny gives k = 0, f = q: exact
+// to relative rounding, as the messages near 0 need.
+// NOTE: not Sleef's logf with Goldberg's q / (u - 1): a call per vector (the accumulators
+// spilled around it) and a division, where this is ~20 FMA-port instructions the compiler
+// schedules with the loop (the A/B is in benchmarks/RESULTS.md, kernel variants).
 #if defined(CPU_CAPABILITY_AVX512)
-  const Vec log_u(Sleef_logf16_u35(u));
+using IntReg = __m512i;
+inline IntReg bits_of(__m512 x) { return _mm512_castps_si512(x); }
+inline __m512 float_of(IntReg x) { return _mm512_castsi512_ps(x); }
+inline IntReg int_sub(IntReg a, IntReg b) { return _mm512_sub_epi32(a, b); }
+inline IntReg int_splat(int v) { return _mm512_set1_epi32(v); }
+inline IntReg exponent_field(IntReg a) { return _mm512_srai_epi32(a, 23); }
+inline IntReg to_exponent_field(IntReg a) { return _mm512_slli_epi32(a, 23); }
+inline __m512 int_to_float(IntReg a) { return _mm512_cvtepi32_ps(a); }
 #else
-  const Vec log_u(Sleef_logf8_u35(u));
+using IntReg = __m256i;
+inline IntReg bits_of(__m256 x) { return _mm256_castps_si256(x); }
+inline __m256 float_of(IntReg x) { return _mm256_castsi256_ps(x); }
+inline IntReg int_sub(IntReg a, IntReg b) { return _mm256_sub_epi32(a, b); }
+inline IntReg int_splat(int v) { return _mm256_set1_epi32(v); }
+inline IntReg exponent_field(IntReg a) { return _mm256_srai_epi32(a, 23); }
+inline IntReg to_exponent_field(IntReg a) { return _mm256_slli_epi32(a, 23); }
+inline __m256 int_to_float(IntReg a) { return _mm256_cvtepi32_ps(a); }
 #endif
-  return Vec::blendv(log_u * q / u_minus_1, q, u_minus_1 == Vec(0.f));
+
+template <>
+inline Vectorized<float> chunk_log1p(const Vectorized<float>& q) {
+  using Vec = Vectorized<float>;
+  const Vec one(1.f);
+  const Vec u = one + q;
+  const Vec e = q - (u - one);
+  // k = floor(log2(u / sqrt(1/2))): the exponent after moving m's range to [sqrt(1/2), sqrt(2))
+  const IntReg k = exponent_field(int_sub(bits_of(u), bits_of(Vec(0.70710678f))));
+  const IntReg k_field = to_exponent_field(k);
+  const Vec m(float_of(int_sub(bits_of(u), k_field)));
+  const Vec two_to_minus_k(float_of(int_sub(bits_of(one), k_field)));
+  const Vec f = at::vec::fmadd(e, two_to_minus_k, m - one);
+  const Vec z = f * f;
+  Vec p(7.0376836292e-2f);
+  for (const float c : {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
+                        -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f}) {
+    p = at::vec::fmadd(p, f, Vec(c));
+  }
+  const Vec log1p_f = f + at::vec::fmadd(Vec(-0.5f), z, f * z * p);
+  // k*ln2 in two parts (ln2_hi has 9 significant bits, so k*ln2_hi is exact for |k| < 2^15)
+  const Vec kf(int_to_float(k));
+  return at::vec::fmadd(kf, Vec(0.693359375f), at::vec::fmadd(kf, Vec(-2.12194440e-4f), log1p_f));
 }
 #endif
 
@@ -859,6 +896,43 @@ at::Tensor logit_credit(const at::Tensor& logits_in, const at::Tensor& d_in) {
   return out.to(logits_in.scalar_type());
 }
 
+// ---------------------------------------------------------------------------------------------
+// The calling core's float32 multiply-add rate, lanes per second: the yardstick of the message's
+// throughput (a narrow term is two multiply-adds, so the message's limit is half this rate in
+// terms per second). kChains independent chains of this build's vectors hide the FMA latency on
+// either instruction set (4 cycles x 2 ports needs 8) and leave registers for the constants.
+// The best of the timed rounds within `seconds` is kept: a shared core only ever slows a round.
+
+double fma_peak(double seconds) {
+  TORCH_CHECK_VALUE(seconds > 0 && seconds <= 10, "hnca.fma_peak: seconds must be in (0, 10], got ", seconds);
+  using Vec = Vectorized<float>;
+  using Clock = std::chrono::steady_clock;
+  constexpr int kChains = 12;
+  constexpr int64_t kSteps = int64_t(1) << 16;  // ~0.2 ms a round at 50 G lanes/s
+  // volatile: constants the compiler cannot fold; acc converges to b / (1 - a), no denormals
+  volatile float a_in = 0.9999f, b_in = 1e-4f;
+  const Vec a(a_in), b(b_in);
+  Vec acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = Vec(float(c));
+  double best = 0;
+  const auto start = Clock::now();
+  do {
+    const auto t0 = Clock::now();
+    for (int64_t n = 0; n < kSteps; ++n) {
+      for (int c = 0; c < kChains; ++c) acc[c] = at::vec::fmadd(acc[c], a, b);
+    }
+    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    best = std::max(best, double(kSteps) * kChains * Vec::size() / dt);
+  } while (std::chrono::duration<double>(Clock::now() - start).count() < seconds);
+  Vec sum(0.f);
+  for (int c = 0; c < kChains; ++c) sum = sum + acc[c];
+  float lanes[Vec::size()];
+  sum.store(lanes);
+  volatile float keep = lanes[0];  // the chains' results are used
+  (void)keep;
+  return best;
+}
+
 }  // namespace
 }  // namespace hnca
 
@@ -879,6 +953,8 @@ HNCA_LIBRARY(HNCA_NAMESPACE, m) {
   m.def("entropy_delta(Tensor x, Tensor weight, Tensor logits, float lo, float hi, bool check=True) -> Tensor");
   m.def("logit_credit(Tensor logits, Tensor d) -> Tensor");
   m.def("categorical_parent_log_ratio(Tensor a, Tensor weight, Tensor logits, Tensor y) -> Tensor");
+  // no tensor argument, so no dispatch key: one kernel for all of them
+  m.def("fma_peak(float seconds=0.05) -> float", &hnca::fma_peak);
 }
 
 HNCA_LIBRARY_IMPL(HNCA_NAMESPACE, CPU, m) {

@@ -55,3 +55,10 @@ def categorical_parent_log_ratio(a, weight, logits, y):
     """Categorical parents' message, every variable in one call; Bernoulli children only (a softmax
     child takes the per-variable path of ``functional``)."""
     return torch.ops.hnca.categorical_parent_log_ratio(a, weight, logits, y)
+
+
+def fma_peak(seconds: float = 0.05) -> float:
+    """The calling core's float32 multiply-add rate in lanes per second, measured by a loop of
+    independent vector FMA chains of this build's vector width for about ``seconds``: the
+    yardstick of the messages' throughput (a narrow Bernoulli term is two multiply-adds)."""
+    return torch.ops.hnca.fma_peak(float(seconds))
