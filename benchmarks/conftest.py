@@ -79,6 +79,12 @@ def _commit() -> str:
         return "unknown"
 
 
+def _fma_peak() -> float | None:
+    """G float32 multiply-add lanes per second of one core (noted by test_message's cpp case)."""
+    value = _extra.get("cpu/fma_peak")
+    return float(value) / 1e9 if value else None
+
+
 def _ms(shape, phase, method):
     value = _medians.get((shape, phase, method))
     return "" if value is None else f"{value * 1e3:.3f}"
@@ -162,8 +168,15 @@ def pytest_terminal_summary(terminalreporter):
     for (shape, phase, method), value in sorted(_medians.items()):
         elements = _extra.get(f"{shape}/message/{method}/elements")
         if phase == "message" and elements:  # B x in x out counterfactual terms
-            lines.append(f"| message throughput {method} ({shape}) | {float(elements) / value / 1e9:.2f} G terms/s |")
-    lines += [f"| {key} | {value} |" for key, value in sorted(_extra.items()) if not key.endswith("/elements")]
+            rate = float(elements) / value / 1e9
+            # a narrow term is two float32 multiply-adds: half the core's FMA lane rate bounds it
+            share = f" ({2 * rate / peak:.0%} of FMA peak / 2)" if method == "cpp" and (peak := _fma_peak()) else ""
+            lines.append(f"| message throughput {method} ({shape}) | {rate:.2f} G terms/s{share} |")
+    if _fma_peak():
+        lines.append(f"| FMA peak of one CPU core (float32, {torch.backends.cpu.get_cpu_capability()}) | "
+                     f"{_fma_peak():.1f} G lanes/s |")
+    lines += [f"| {key} | {value} |" for key, value in sorted(_extra.items())
+              if not key.endswith("/elements") and key != "cpu/fma_peak"]
     if lines:
         write("")
         write("### one hidden layer's message against the forward GEMM of its shape; memory")

@@ -114,6 +114,10 @@ def test_message(timed, note, backend, shape):
     logits = layer.logits(h).detach()
     y = layer.sample(logits)
     note(f"{shape}/message/{backend}/elements", str(B * widths[1] * widths[2]))
+    if backend == "cpp":  # the yardstick of the CPU messages' throughput, measured on this core
+        from hnca_kernels.ops import cpp
+
+        note("cpu/fma_peak", str(cpp.fma_peak(0.2)))
 
     def fn():
         Fn.counterfactual_log_ratio(h, layer.weight.detach(), logits, y, parent_values=(-1.0, 1.0), backend=backend)

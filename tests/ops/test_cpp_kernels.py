@@ -248,3 +248,13 @@ def test_softmax_variables_message_and_entropy_match_reference(shape, coding, dt
     ref = reference.categorical_entropy_delta(x, weight, logits, lo, hi)
     got = Fn.categorical_entropy_delta(*cast, parent_values=(lo, hi), backend="cpp")
     assert got.dtype == dtype and ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)) < TOL[dtype] * 20
+
+
+@pytest.mark.skipif(not backends.is_available("cpp", "cpu"), reason="the cpp backend is not available")
+def test_fma_peak_checks_its_duration():
+    from hnca_kernels.ops import cpp
+
+    for seconds in (0.0, -1.0, 11.0, float("nan")):
+        with pytest.raises(ValueError, match="seconds must be in"):
+            cpp.fma_peak(seconds)
+    assert 1e8 < cpp.fma_peak(0.01) < 1e13  # lanes per second: a core's, whatever its vectors
