@@ -17,6 +17,8 @@ import importlib
 import logging
 import math
 import os
+import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -73,7 +75,34 @@ def _installed(module: str) -> bool:
     return True
 
 
+class NoCompilerError(RuntimeError):
+    """No C++ compiler to build the kernels with."""
+
+
+def _compiler_missing() -> str | None:
+    """Why no C++ build can start (torch's builder would print a banner and a ninja log), or None."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler: {compiler!r} is not found (install g++, or name one in CXX)"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    """A build failure in one line: the compiler's first error where the log has one, else the
+    exception's first line (HNCA_VERBOSE_BUILD=1 prints the whole build)."""
+    text = str(exc)
+    if isinstance(exc, NoCompilerError):
+        return text
+    errors = [line.strip() for line in text.splitlines() if re.search(r":\s*(fatal )?error:", line)]
+    line = errors[0] if errors else (text.strip().splitlines() or [""])[0]
+    line = line if len(line) <= 240 else line[:237] + "..."
+    return f"{type(exc).__name__}: {line}; HNCA_VERBOSE_BUILD=1 shows the build"
+
+
 def _build_now(name: str, sources: list, what: str, **options) -> None:
+    missing = _compiler_missing()
+    if missing is not None:
+        raise NoCompilerError(missing)
     print(f"hnca: building the {what} (first use, about 30 s; "
           "pip install --no-build-isolation builds them at install time)", file=sys.stderr, flush=True)
     _cpp_extension().load(name=name, sources=sources, is_python_module=False,
@@ -93,7 +122,7 @@ def load_cpu() -> str | None:
         _register_fake()
         return None
     except Exception as exc:  # a failed build is a reason to fall back, said once
-        reason = f"the hnca C++ kernels failed to build or load ({type(exc).__name__}: {exc})"
+        reason = f"the hnca C++ kernels failed to build or load ({_one_line(exc)})"
         warnings.warn(f"{reason}; the 'cpp' and 'cuda' backends are unavailable, using 'reference'", stacklevel=2)
         return reason
 
@@ -118,7 +147,7 @@ def load_cuda() -> str | None:
                    extra_cflags=["-O3"], extra_cuda_cflags=_build.NVCC_FLAGS)
         return None
     except Exception as exc:
-        reason = f"the hnca CUDA kernels failed to build or load ({type(exc).__name__}: {exc})"
+        reason = f"the hnca CUDA kernels failed to build or load ({_one_line(exc)})"
         warnings.warn(f"{reason}; the 'cuda' backend is unavailable (the CPU ops are not affected)", stacklevel=2)
         return reason
 

@@ -86,3 +86,34 @@ def test_cpu_machines_get_no_cuda_runtime_warning():
     assert "No CUDA runtime" not in run.stderr, run.stderr
 
 
+
+
+def test_no_compiler_is_one_line_and_builds_nothing(monkeypatch, capsys):
+    """CXX naming no program: no build starts (no banner, no build log), one single-line warning."""
+    from hnca_kernels.ops import _extension
+
+    def build(**kwargs):
+        raise AssertionError("a build started without a compiler")
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setattr(_extension, "_installed", lambda module: False)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", build)
+    _extension.load_cpu.cache_clear()
+    try:
+        with pytest.warns(UserWarning) as record:
+            reason = _extension.load_cpu()
+        assert "no C++ compiler: '/nonexistent/c++' is not found" in reason
+        assert len(record) == 1 and "\n" not in str(record[0].message)
+        assert capsys.readouterr().err == ""  # not even the "building" line
+    finally:
+        _extension.load_cpu.cache_clear()
+
+
+def test_a_failed_build_is_summarised_in_one_line():
+    from hnca_kernels.ops._extension import _one_line
+
+    log = ("Error building extension 'hnca_ops': [1/2] c++ -c hnca_cpu.cpp\nFAILED: hnca_cpu.o\n"
+           "/usr/bin/c++ -MMD ...\nhnca_cpu.cpp:12:3: error: 'foo' was not declared in this scope\n"
+           "ninja: build stopped: subcommand failed.")
+    line = _one_line(RuntimeError(log))
+    assert line.startswith("RuntimeError: hnca_cpu.cpp:12:3: error: 'foo' was not declared") and "\n" not in line
