@@ -1,0 +1,108 @@
+"""VAE training steps measured in alternation in one process (each round times every case once;
+a ratio is the median over rounds of the ratio within a round): the record-based BernoulliVAE
+against the hand-written chain it replaced (tests/_reference_vae.py, the regression reference),
+estimator by estimator, and the categorical VAE's estimators against each other.
+
+    OMP_NUM_THREADS=1 python benchmarks/vae_interleaved.py --rounds 60 --json docs/step-times.json
+
+``--json`` writes the record-based models' medians (ms a step, with the machine and the date): the
+wall-clock axis of the comparison figures in docs/results.md (epochs x 1200 steps), so that every
+estimator is timed on one machine at one time rather than read from runs that shared a machine.
+A step is what the training loop does: zero the gradients, the estimate, backward, and the
+gradient-variance statistic the command logs. CPU time of the process, one thread, cpp backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from _reference_vae import ESTIMATORS as CHAIN_ESTIMATORS, BernoulliVAE as ChainVAE  # noqa: E402
+
+from hnca_kernels.models import BernoulliVAE, CategoricalVAE  # noqa: E402
+
+BERNOULLI = ("hnca_baseline", "reinforce_loo", "disarm", "reinforce_baseline", "gumbel_st", "reinmax")
+CATEGORICAL = ("hnca", "reinforce_loo", "reinforce_baseline", "gumbel_st", "reinmax")
+
+
+def step(model, estimator, x):
+    model.zero_grad(set_to_none=True)
+    estimate = model.estimate(x, estimator)
+    estimate.loss.backward()
+    estimate.gradient_variance()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write the medians here (see above)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = (torch.rand(50, 784) < 0.3).float()
+    chain, record = ChainVAE(args.layers), BernoulliVAE(args.layers)
+    record.load_state_dict(chain.state_dict())
+    categorical = CategoricalVAE(1)
+    cases = {**{("chain", e): (chain, e) for e in BERNOULLI if e in CHAIN_ESTIMATORS},
+             **{("record", e): (record, e) for e in BERNOULLI},
+             **{("categorical", e): (categorical, e) for e in CATEGORICAL}}
+    times = {key: [] for key in cases}
+    for r in range(args.warmup + args.rounds):
+        for key, (model, estimator) in cases.items():
+            start = time.process_time()
+            step(model, estimator, x)
+            if r >= args.warmup:
+                times[key].append(time.process_time() - start)
+
+    def ratio(a, b):
+        return statistics.median(p / q for p, q in zip(times[a], times[b]))
+
+    print(f"{args.layers}-layer BernoulliVAE and 1-layer CategoricalVAE (20 x 10), batch 50, "
+          f"{args.rounds} rounds, {torch.backends.cpu.get_cpu_capability()}")
+    print("| model | estimator | step, ms (median) | ratio |")
+    print("| --- | --- | --- | --- |")
+    for (model, estimator), t in times.items():
+        if model == "chain":
+            continue
+        if model == "record" and ("chain", estimator) in times:
+            note = f"{ratio((model, estimator), ('chain', estimator)):.3f}x the chain's " \
+                   f"({statistics.median(times[('chain', estimator)]) * 1e3:.2f} ms)"
+        elif model == "categorical" and estimator != "reinforce_loo":
+            note = f"{ratio((model, estimator), (model, 'reinforce_loo')):.3f}x LOO's"
+        else:
+            note = ""
+        print(f"| {model} | {estimator} | {statistics.median(t) * 1e3:.2f} | {note} |")
+    if args.json:
+        names = {"record": f"bernoulli-L{args.layers}", "categorical": "cat20x10-L1"}
+        medians = {f"{names[m]}/{e}": round(statistics.median(t) * 1e3, 3) for (m, e), t in times.items() if m in names}
+        args.json.write_text(json.dumps({
+            "cpu": _cpu_model(),
+            "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__, "threads": 1,
+            "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}", "rounds": args.rounds,
+            "step_ms": medians}, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
