@@ -17,6 +17,9 @@ import math
 import statistics
 from pathlib import Path
 
+import experiments  # docs/experiments.py: the cells, their directories, the sweep's best rates
+from experiments import COMPARED, PAPER_RATE, SWEEP_EPOCHS, SWEEP_RATES
+
 DOCS = Path(__file__).resolve().parent
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
 PLANNED = 100  # epochs of every cell (docs/experiments.py)
@@ -238,6 +241,176 @@ def seeds_figure(runs: Path, output: Path) -> Path | None:
     return output
 
 
+STEP_TIMES = "step-times.json"  # benchmarks/vae_interleaved.py --json
+
+
+def _cell(runs: Path, layers: int, estimator: str, rate: str = PAPER_RATE, seed: int = 0, prefix: str = "") -> Path:
+    """The run directory docs/experiments.py gives this cell."""
+    extra = experiments.CATEGORICAL if prefix else ()
+    return runs / experiments._vae(layers, estimator, seed, extra=extra, rate=rate, prefix=prefix).name
+
+
+def _seeds(runs: Path, layers: int, estimator: str, rate: str, prefix: str = "") -> list[Path]:
+    return [d for d in (_cell(runs, layers, estimator, rate, seed, prefix) for seed in range(10)) if _metrics(d)]
+
+
+def _name(estimator: str) -> str:
+    return f"{estimator} (biased)" if estimator in experiments.STRAIGHT_THROUGH else estimator
+
+
+def _reached(run: Path, epoch: int) -> bool:
+    return any(m["epoch"] >= epoch for m in _metrics(run))
+
+
+def sweep_table(runs: Path) -> str:
+    rows = [f"| 2 layers, train ELBO at epoch {SWEEP_EPOCHS} | " + " | ".join(f"Adam {r}" for r in SWEEP_RATES)
+            + " | best |", "| --- |" + " --- |" * (len(SWEEP_RATES) + 1)]
+    best = experiments.best_rates(runs)
+    for estimator in COMPARED:
+        cells = []
+        for rate in SWEEP_RATES:
+            run = _cell(runs, 2, estimator, rate)
+            at = _upto(_metrics(run), SWEEP_EPOCHS)
+            cells.append(_fmt(_last(at, "train_elbo")) if _reached(run, SWEEP_EPOCHS) else "not run")
+        rows.append(f"| {_name(estimator)} | {' | '.join(cells)} | {best.get(estimator, '-')} |")
+    return "\n".join(rows)
+
+
+def _step_ms(docs: Path) -> tuple[dict, str]:
+    path = docs / STEP_TIMES
+    if not path.exists():
+        return {}, ""
+    times = json.loads(path.read_text())
+    return times["step_ms"], f"{times['cpu']} ({times['capability']}), one thread, torch {times['torch']}, {times['date']}"
+
+
+def _row(label, dirs, ms=None) -> str:
+    """One comparison row: mean (range) over the seeds' values at their planned length."""
+    if not dirs:
+        return f"| {label} | - | not run | | | | |"
+    ms_all = [_metrics(d) for d in dirs]
+
+    def spread(key):
+        values = [_last(_upto(m), key) for m in ms_all if _last(_upto(m), key) is not None]
+        if len(values) <= 1:
+            return _fmt(values[0]) if values else "-"
+        return f"{statistics.mean(values):.2f} ({min(values):.2f} to {max(values):.2f})"
+
+    epochs = "/".join(_epochs(m) for m in ms_all)
+    return (f"| {label} | {len(dirs)} | {epochs} | {spread('train_elbo')} | {spread('test_bound')} | "
+            f"{spread('log_grad_variance')} | {_fmt(ms)} |")
+
+
+HEADER = ["| estimator, Adam rate | seeds | epochs | train ELBO | test bound (k=100) | log grad var | ms a step |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+
+
+def comparison_table(runs: Path, docs: Path = DOCS) -> str:
+    """2 layers: each estimator at the paper's rate and at its best rate (mean and range over seeds)."""
+    steps, _ = _step_ms(docs)
+    best = experiments.best_rates(runs)
+    rows = list(HEADER)
+    for rate_of in ("paper", "best"):
+        for estimator in (*COMPARED, *(("reinforce_loo",) if rate_of == "paper" else ())):
+            rate = PAPER_RATE if rate_of == "paper" else best.get(estimator)
+            if rate is None:
+                rows.append(f"| {_name(estimator)}, best rate | - | sweep not complete | | | | |")
+                continue
+            if rate_of == "best" and rate == PAPER_RATE:
+                continue  # its row is above
+            dirs = _seeds(runs, 2, estimator, rate)
+            rows.append(_row(f"{_name(estimator)}, {rate}{' (best)' if best.get(estimator) == rate else ''}", dirs,
+                             steps.get(f"bernoulli-L2/{estimator}")))
+    return "\n".join(rows)
+
+
+def categorical_table(runs: Path, docs: Path = DOCS) -> str:
+    """The categorical VAE (20 x 10, one layer): the paper's rate, then each estimator at the rate
+    its Bernoulli counterpart's sweep chose."""
+    steps, _ = _step_ms(docs)
+    best = experiments.best_rates(runs)
+    rows = list(HEADER)
+    for estimator in ("hnca", "reinforce_loo", "reinforce_baseline"):
+        rows.append(_row(f"{estimator}, {PAPER_RATE}", _seeds(runs, 1, estimator, PAPER_RATE, "cat20x10-"),
+                         steps.get(f"cat20x10-L1/{estimator}")))
+    for estimator, of in experiments.CATEGORICAL_RATED.items():
+        rate = best.get(of)
+        if rate is None:
+            rows.append(f"| {_name(estimator)}, {of}'s best rate | - | sweep not complete | | | | |")
+            continue
+        if rate == PAPER_RATE and estimator in ("hnca", "reinforce_loo"):
+            continue  # the row above
+        rows.append(_row(f"{_name(estimator)}, {rate}", _seeds(runs, 1, estimator, rate, "cat20x10-"),
+                         steps.get(f"cat20x10-L1/{estimator}")))
+    return "\n".join(rows)
+
+
+def comparison_figure(runs: Path, docs: Path, output: Path, curves, title: str) -> Path | None:
+    """Train ELBO against epoch and against the training time it takes on one thread (epochs x 1200
+    steps x the step time of docs/step-times.json, every estimator timed in one process): mean over
+    the seeds, band from the lowest to the highest. ``curves``: [(label, dirs, step-time key)]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, timed_on = _step_ms(docs)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    drawn = False
+    for k, (label, dirs, key) in enumerate(curves):
+        ms = [_upto(_metrics(d)) for d in dirs]
+        ms = [m for m in ms if m]
+        if not ms:
+            continue
+        drawn = True
+        epochs = min(m[-1]["epoch"] for m in ms)
+        series = [[m[e]["train_elbo"] for e in range(epochs)] for m in ms]
+        mean = [statistics.mean(col) for col in zip(*series)]
+        xs = list(range(1, epochs + 1))
+        label = f"{label} ({len(ms)} seeds)" if len(ms) > 1 else label
+        axes = [(left, xs)]
+        if key in steps:
+            axes.append((right, [e * 1200 * steps[key] / 3.6e6 for e in xs]))
+        for ax, x in axes:
+            ax.plot(x, mean, color=f"C{k}", label=label)
+            if len(ms) > 1:
+                ax.fill_between(x, [min(c) for c in zip(*series)], [max(c) for c in zip(*series)], color=f"C{k}", alpha=0.2)
+    if not drawn:
+        plt.close(fig)
+        return None
+    left.set_xlabel("epoch")
+    right.set_xlabel("hours of training on one CPU thread (every step time measured in one process)" if timed_on
+                     else "no step times (benchmarks/vae_interleaved.py --json docs/step-times.json)")
+    for ax in (left, right):
+        ax.set_ylabel("train ELBO")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=max(ax.get_ylim()[0], -160))
+    left.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output
+
+
+def comparison_figures(runs: Path, docs: Path) -> list[str]:
+    best = experiments.best_rates(runs)
+    bernoulli = [(f"{_name(e)}, {best[e]}", _seeds(runs, 2, e, best[e]), f"bernoulli-L2/{e}") for e in COMPARED if e in best]
+    bernoulli += [(f"{_name(e)}, {PAPER_RATE}", _seeds(runs, 2, e, PAPER_RATE)[:1], f"bernoulli-L2/{e}")
+                  for e in ("hnca_baseline", "reinmax") if best.get(e) != PAPER_RATE]
+    categorical = [(f"{_name(e)}, {best[of]}", _seeds(runs, 1, e, best[of], "cat20x10-"), f"cat20x10-L1/{e}")
+                   for e, of in experiments.CATEGORICAL_RATED.items() if of in best]
+    categorical += [(f"{e}, {PAPER_RATE}", _seeds(runs, 1, e, PAPER_RATE, "cat20x10-"), f"cat20x10-L1/{e}")
+                    for e in ("hnca", "reinforce_loo") if best.get(experiments.CATEGORICAL_RATED[e]) != PAPER_RATE]
+    links = []
+    for name, curves, title in (
+            ("vae-straight-through.png", bernoulli, "2-layer Bernoulli VAE: each estimator at its best rate"),
+            ("vae-categorical.png", categorical, "categorical VAE (20 x 10, one layer)")):
+        if comparison_figure(runs, docs, docs / name, curves, title):
+            links.append(f"![{title}: train ELBO against epoch and against one-thread training time]({name})")
+    return links
+
+
 def write_report(runs: Path, docs: Path = DOCS) -> int:
     """The page ``docs``/results.md and its figures beside it, from the run directories under ``runs``."""
     from hnca_kernels.experiments.plot import plot_runs
@@ -269,6 +442,12 @@ def write_report(runs: Path, docs: Path = DOCS) -> int:
         "### Appendix K ablations", ablation_table(runs),
         figure(ablations, "vae-ablations.png", "2-layer f-HNCA with baseline: Appendix K ablations",
                "ablations: train ELBO and log gradient variance per epoch"),
+        "### Against the straight-through estimators: the learning-rate sweep (2 layers, seed 0)", sweep_table(runs),
+        "### Against the straight-through estimators: 2 layers, 100 epochs", comparison_table(runs, docs),
+        "### The categorical VAE (20 x 10, one layer, seed 0)", categorical_table(runs, docs),
+        *comparison_figures(runs, docs),
+        f"Step times (the figures' time axis and the tables' last column): {_step_ms(docs)[1]}, "
+        "`benchmarks/vae_interleaved.py`." if _step_ms(docs)[1] else "",
     ]
     tables = "\n\n".join(part for part in sections if part)
     page = docs / "results.md"

@@ -150,3 +150,35 @@ def test_a_bad_jobs_count_is_one_line(tmp_path, capsys):
         experiments.main(["run", "--runs", str(tmp_path), "--jobs", "0"])
     assert stop.value.code == 2
     assert "--jobs: must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_the_comparison_reads_each_estimators_best_rate_from_the_sweep(tmp_path):
+    # the sweep: hnca_baseline best at 1e-3, reinmax at 3e-4; gumbel_st's 1e-3 cell is short of 20 epochs
+    for estimator, offsets in (("hnca_baseline", (0.0, 1.0, 2.0)), ("reinmax", (0.0, 3.0, 1.0)),
+                               ("disarm", (2.0, 1.0, 0.0)), ("gumbel_st", (0.0, 1.0, 9.0))):
+        for rate, offset in zip(experiments.SWEEP_RATES, offsets):
+            epochs = 100 if rate == "1e-4" else (19 if estimator == "gumbel_st" and rate == "1e-3" else 20)
+            _vae(tmp_path, Path(experiments._vae(2, estimator, rate=rate).name).name, offset, epochs)
+    _vae(tmp_path, "L2-hnca_baseline-lr1e-3-s1", 4.0, epochs=100)
+    assert experiments.best_rates(tmp_path) == {"hnca_baseline": "1e-3", "reinmax": "3e-4", "disarm": "1e-4"}
+    sweep = report.sweep_table(tmp_path).splitlines()
+    assert sweep[2] == "| hnca_baseline | -180.00 | -179.00 | -178.00 | 1e-3 |"
+    assert sweep[4] == "| gumbel_st (biased) | -180.00 | -179.00 | not run | - |"
+    table = report.comparison_table(tmp_path, docs=tmp_path)
+    # at its best rate, over the seeds that ran; a 20-epoch sweep cell is shown at the epochs it has
+    assert "| hnca_baseline, 1e-3 (best) | 2 | 20/100 | -137.00 (-178.00 to -96.00) |" in table
+    assert "| reinmax (biased), 3e-4 (best) | 1 | 20 | -177.00 |" in table
+    assert "| gumbel_st (biased), best rate | - | sweep not complete |" in table
+    assert "disarm, 1e-4 (best)" in table and "disarm, 1e-4 (best) | 1 | 100 | -98.00" in table
+
+
+def test_the_comparison_figure_takes_its_time_axis_from_the_measured_steps(tmp_path):
+    pytest.importorskip("matplotlib")
+    _vae(tmp_path, "L2-hnca_baseline-s0", 0.0, epochs=10)
+    (tmp_path / report.STEP_TIMES).write_text(json.dumps({
+        "cpu": "a CPU", "capability": "AVX2", "torch": "2", "date": "2026-01-01", "step_ms": {"bernoulli-L2/hnca_baseline": 3.0}}))
+    out = report.comparison_figure(tmp_path, tmp_path, tmp_path / "f.png",
+                                   [("hnca_baseline", [tmp_path / "vae" / "L2-hnca_baseline-s0"], "bernoulli-L2/hnca_baseline")], "t")
+    assert out == tmp_path / "f.png" and out.stat().st_size > 0
+    assert report._step_ms(tmp_path) == ({"bernoulli-L2/hnca_baseline": 3.0}, "a CPU (AVX2), one thread, torch 2, 2026-01-01")
+    assert report.comparison_figure(tmp_path, tmp_path, tmp_path / "g.png", [("x", [], "k")], "t") is None
