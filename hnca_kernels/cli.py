@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from .experiments.rundir import CommandError
 
@@ -49,6 +50,11 @@ def _one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run ``hnca`` with ``argv``; returns the exit status (errors already printed on stderr)."""
     prog = "hnca"
+
+    def warning_line(message, category, filename, lineno, line=None):  # a warning is one line, like an error
+        return f"{prog}: warning: {_one_line(str(message))}\n"
+
+    previous, warnings.formatwarning = warnings.formatwarning, warning_line
     try:
         args = build_parser().parse_args(argv)
         prog = f"hnca {args.command}"
@@ -61,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous
 
 
 if __name__ == "__main__":
