@@ -99,12 +99,23 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line}; HNCA_VERBOSE_BUILD=1 shows the build"
 
 
+def _built_before(name: str) -> bool:
+    """Whether torch's extension cache holds a build of ``name`` (then loading it takes a moment,
+    and nothing is announced)."""
+    try:
+        directory = _cpp_extension()._get_build_directory(name, verbose=False)
+    except Exception:  # a private helper of torch's: without it, announce every build
+        return False
+    return (Path(directory) / f"{name}.so").exists()
+
+
 def _build_now(name: str, sources: list, what: str, **options) -> None:
     missing = _compiler_missing()
     if missing is not None:
         raise NoCompilerError(missing)
-    print(f"hnca: building the {what} (first use, about 30 s; "
-          "pip install --no-build-isolation builds them at install time)", file=sys.stderr, flush=True)
+    if not _built_before(name):
+        print(f"hnca: building the {what} (first use, about 30 s; "
+              "pip install --no-build-isolation builds them at install time)", file=sys.stderr, flush=True)
     _cpp_extension().load(name=name, sources=sources, is_python_module=False,
                           verbose=os.environ.get("HNCA_VERBOSE_BUILD") == "1", **options)
 
