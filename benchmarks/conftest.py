@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from phases import machine as _machine
 
 # (shape, phase, method) -> median in seconds; shape is "paper", "scale", "gpu" or "vae-L<n>"
 _medians: dict[tuple, float] = {}
@@ -57,17 +58,6 @@ def note():
         _extra[key] = value
 
     return put
-
-
-def _machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def _commit() -> str:

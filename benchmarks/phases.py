@@ -17,6 +17,8 @@ that the phases in a row fill the same ``.grad`` as a plain training step.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,6 +33,18 @@ SHAPES = {
     "gpu": (4096, [4096, 4096, 4096, 4096, 10]),
 }
 BACKENDS = ("reference", "cpp", "triton", "cuda")
+
+
+def machine() -> str:
+    """The GPU's name where there is one, else the CPU's model and its number of cores."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def sync(device) -> None:

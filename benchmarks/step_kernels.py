@@ -1,5 +1,5 @@
-"""How many kernels a VAE training step launches: ATen operations of an eager step (each one a
-kernel launch on a GPU), and for the step compiled whole (``torch.compile(fullgraph=True)``,
+"""How many kernels a VAE training step launches: the operations an eager step dispatches (each
+one that is not a view a kernel launch on a GPU), and for the step compiled whole (``torch.compile(fullgraph=True)``,
 inductor) the fused kernels it generates and the calls it leaves outside them (the hnca custom ops,
 matrix products, random draws). On a GPU a step of paper-shape work costs about its launches,
 so this count is what a fused step must bring down. Runs on the CPU (inductor's C++ kernels; on
@@ -31,10 +31,11 @@ class CountOps(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops = Counter()
+        self.ops, self.views = Counter(), 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func.overloadpacket)] += 1
+        self.views += func.is_view  # a view launches no kernel on a GPU
         return func(*args, **(kwargs or {}))
 
 
@@ -44,12 +45,13 @@ def make(kind, layers, device):
     return vae.to(device)
 
 
-def eager_ops(vae, x, estimator) -> Counter:
+def eager_ops(vae, x, estimator) -> tuple[int, int]:
+    """(operations dispatched by one eager step, how many of them are views)."""
     vae.elbo_loss(x, estimator).backward()  # warm: first calls load backends
     vae.zero_grad(set_to_none=True)
     with CountOps() as counter:
         vae.elbo_loss(x, estimator).backward()
-    return counter.ops
+    return sum(counter.ops.values()), counter.views
 
 
 def compiled_kernels(vae, x, estimator) -> tuple[int, Counter, float]:
@@ -92,19 +94,19 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="the eager counts only")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    print("| VAE | estimator | eager ATen ops a step | compiled: fused kernels | compiled: calls outside them "
-          "| compiled vs eager gradient |")
+    print("| VAE | estimator | eager: operations a step (views among them) | compiled: fused kernels "
+          "| compiled: calls outside them | compiled vs eager gradient |")
     print("| --- | --- | --- | --- | --- | --- |")
     for kind, layers, estimator in CASES:
         vae = make(kind, layers, device)
         x = (torch.rand(50, 784, generator=torch.Generator().manual_seed(1)) < 0.3).float().to(device)
-        ops = eager_ops(vae, x, estimator)
+        ops, views = eager_ops(vae, x, estimator)
         cells = ["-", "-", "-"]
         if not args.no_compile:
             launches, outside, error = compiled_kernels(vae, x, estimator)
             named = ", ".join(f"{n.split('.')[-1]} {c}" for n, c in outside.most_common())
             cells = [str(launches), f"{sum(outside.values())} ({named})", f"{error:.1e}"]
-        print(f"| {kind}, {layers} layer{'s' * (layers > 1)} | {estimator} | {sum(ops.values())} | " + " | ".join(cells) + " |",
+        print(f"| {kind}, {layers} layer{'s' * (layers > 1)} | {estimator} | {ops} ({views}) | " + " | ".join(cells) + " |",
               flush=True)
     return 0
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from _reference_vae import ESTIMATORS as CHAIN_ESTIMATORS, BernoulliVAE as ChainVAE  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from phases import machine  # noqa: E402
 
 from hnca_kernels.models import BernoulliVAE, CategoricalVAE  # noqa: E402
 
@@ -49,6 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the medians here (see above)")
     args = parser.parse_args(argv)
+    if args.json and args.layers != 2:
+        parser.error("--json writes the results page's step times, which are the 2-layer model's")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x = (torch.rand(50, 784) < 0.3).float()
@@ -88,20 +92,12 @@ def main(argv=None) -> int:
         names = {"record": f"bernoulli-L{args.layers}", "categorical": "cat20x10-L1"}
         medians = {f"{names[m]}/{e}": round(statistics.median(t) * 1e3, 3) for (m, e), t in times.items() if m in names}
         args.json.write_text(json.dumps({
-            "cpu": _cpu_model(),
+            "cpu": machine().rsplit(",", 1)[0],
             "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__, "threads": 1,
             "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}", "rounds": args.rounds,
             "step_ms": medians}, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

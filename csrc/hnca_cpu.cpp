@@ -255,7 +255,8 @@ Vectorized<T> chunk_log1p(const Vectorized<T>& q) {
 // (exact: Sterbenz for u in [1/2, 2], and 1 a multiple of u's ulp above). Then
 // log1p(q) = k*ln2 + log1p(f) with f = m - 1 + e*2^-k, log1p(f) = f - f^2/2 + f^3*P(f) with
 // Cephes' logf polynomial P (about 1 ulp on that range). q tiny gives k = 0, f = q: exact
-// to relative rounding, as the messages near 0 need.
+// to relative rounding, as the messages near 0 need. Only for the chunks' range: q = -1 gives
+// -88 (not -inf), and 1 + q >= 2^127 overflows 2^-k; the chunk bounds keep q far from both.
 // NOTE: not Sleef's logf with Goldberg's q / (u - 1): a call per vector (the accumulators
 // spilled around it) and a division, where this is ~20 FMA-port instructions the compiler
 // schedules with the loop (the A/B is in benchmarks/RESULTS.md, kernel variants).
@@ -264,7 +265,6 @@ using IntReg = __m512i;
 inline IntReg bits_of(__m512 x) { return _mm512_castps_si512(x); }
 inline __m512 float_of(IntReg x) { return _mm512_castsi512_ps(x); }
 inline IntReg int_sub(IntReg a, IntReg b) { return _mm512_sub_epi32(a, b); }
-inline IntReg int_splat(int v) { return _mm512_set1_epi32(v); }
 inline IntReg exponent_field(IntReg a) { return _mm512_srai_epi32(a, 23); }
 inline IntReg to_exponent_field(IntReg a) { return _mm512_slli_epi32(a, 23); }
 inline __m512 int_to_float(IntReg a) { return _mm512_cvtepi32_ps(a); }
@@ -273,7 +273,6 @@ using IntReg = __m256i;
 inline IntReg bits_of(__m256 x) { return _mm256_castps_si256(x); }
 inline __m256 float_of(IntReg x) { return _mm256_castsi256_ps(x); }
 inline IntReg int_sub(IntReg a, IntReg b) { return _mm256_sub_epi32(a, b); }
-inline IntReg int_splat(int v) { return _mm256_set1_epi32(v); }
 inline IntReg exponent_field(IntReg a) { return _mm256_srai_epi32(a, 23); }
 inline IntReg to_exponent_field(IntReg a) { return _mm256_slli_epi32(a, 23); }
 inline __m256 int_to_float(IntReg a) { return _mm256_cvtepi32_ps(a); }

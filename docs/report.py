@@ -285,23 +285,26 @@ def _step_ms(docs: Path) -> tuple[dict, str]:
 
 
 def _row(label, dirs, ms=None) -> str:
-    """One comparison row: mean (range) over the seeds' values at their planned length."""
+    """One comparison row: mean (range) over the seeds that reached their planned length; where
+    none has, the longest one as far as it went (the epochs column says how far each went)."""
     if not dirs:
         return f"| {label} | - | not run | | | | |"
     ms_all = [_metrics(d) for d in dirs]
+    complete = [m for m in ms_all if _upto(m)[-1]["epoch"] >= PLANNED]
+    shown = complete or [max(ms_all, key=lambda m: _upto(m)[-1]["epoch"])]
 
     def spread(key):
-        values = [_last(_upto(m), key) for m in ms_all if _last(_upto(m), key) is not None]
+        values = [_last(_upto(m), key) for m in shown if _last(_upto(m), key) is not None]
         if len(values) <= 1:
             return _fmt(values[0]) if values else "-"
         return f"{statistics.mean(values):.2f} ({min(values):.2f} to {max(values):.2f})"
 
     epochs = "/".join(_epochs(m) for m in ms_all)
-    return (f"| {label} | {len(dirs)} | {epochs} | {spread('train_elbo')} | {spread('test_bound')} | "
+    return (f"| {label} | {len(shown)} | {epochs} | {spread('train_elbo')} | {spread('test_bound')} | "
             f"{spread('log_grad_variance')} | {_fmt(ms)} |")
 
 
-HEADER = ["| estimator, Adam rate | seeds | epochs | train ELBO | test bound (k=100) | log grad var | ms a step |",
+HEADER = ["| estimator, Adam rate | seeds read | epochs of each seed | train ELBO | test bound (k=100) | log grad var | ms a step |",
           "| --- | --- | --- | --- | --- | --- | --- |"]
 
 

@@ -96,24 +96,28 @@ def _one_line(exc: BaseException) -> str:
     errors = [line.strip() for line in text.splitlines() if re.search(r":\s*(fatal )?error:", line)]
     line = errors[0] if errors else (text.strip().splitlines() or [""])[0]
     line = line if len(line) <= 240 else line[:237] + "..."
-    return f"{type(exc).__name__}: {line}; HNCA_VERBOSE_BUILD=1 shows the build"
+    built = "Error building extension" in text or "ninja" in text  # a load failure has no build log
+    return f"{type(exc).__name__}: {line}" + ("; HNCA_VERBOSE_BUILD=1 shows the build" if built else "")
 
 
-def _built_before(name: str) -> bool:
-    """Whether torch's extension cache holds a build of ``name`` (then loading it takes a moment,
-    and nothing is announced)."""
+def _built_before(name: str, sources: list) -> bool:
+    """Whether torch's extension cache holds a build of ``name`` newer than its sources (then
+    loading it takes a moment, and nothing is announced)."""
     try:
-        directory = _cpp_extension()._get_build_directory(name, verbose=False)
+        library = Path(_cpp_extension()._get_build_directory(name, verbose=False)) / f"{name}.so"
     except Exception:  # a private helper of torch's: without it, announce every build
         return False
-    return (Path(directory) / f"{name}.so").exists()
+    if not library.exists():
+        return False
+    newest = max(Path(s).stat().st_mtime for s in [*sources, *Path(sources[0]).parent.glob("*.h")])
+    return library.stat().st_mtime >= newest
 
 
 def _build_now(name: str, sources: list, what: str, **options) -> None:
     missing = _compiler_missing()
     if missing is not None:
         raise NoCompilerError(missing)
-    if not _built_before(name):
+    if not _built_before(name, sources):
         print(f"hnca: building the {what} (first use, about 30 s; "
               "pip install --no-build-isolation builds them at install time)", file=sys.stderr, flush=True)
     _cpp_extension().load(name=name, sources=sources, is_python_module=False,

@@ -116,4 +116,7 @@ def test_a_failed_build_is_summarised_in_one_line():
            "/usr/bin/c++ -MMD ...\nhnca_cpu.cpp:12:3: error: 'foo' was not declared in this scope\n"
            "ninja: build stopped: subcommand failed.")
     line = _one_line(RuntimeError(log))
+    assert line.endswith("; HNCA_VERBOSE_BUILD=1 shows the build")
     assert line.startswith("RuntimeError: hnca_cpu.cpp:12:3: error: 'foo' was not declared") and "\n" not in line
+    assert _one_line(OSError("libfoo.so: cannot open shared object file")) == \
+        "OSError: libfoo.so: cannot open shared object file"  # a load failure: no build to show
