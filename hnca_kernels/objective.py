@@ -292,7 +292,8 @@ def finish_loss(rec, terms: ObjectiveTerms) -> torch.Tensor:
     loss = -terms.f.mean()
     if rec.relax is not None:
         catcher = _LogitGrads([c.logits for c in rec.sampled_calls])
-        rec._scores = lambda: list(zip(rec.sampled_calls, catcher.per_example()))
+        sampled = rec.sampled_calls  # not rec itself: the record holding a closure over it is a cycle
+        rec._scores = lambda: list(zip(sampled, catcher.per_example()))
         return catcher.watch(loss)
     calls = [c for c, _ in terms.signals]
     signals = tuple(s for _, s in terms.signals)

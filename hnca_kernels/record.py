@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -92,6 +93,40 @@ def _refuse_compiled_call() -> None:
     _refuse_compiled_call()
 
 
+class _Later:
+    """Links to later calls (a call's children, the scored calls of its value), held weakly: the
+    record holds every call and the strong links point back only, so a record and its tensors (a
+    view of the epoch's data among them) are freed as soon as the last reference goes, not when
+    the cycle collector next gets to them (a training loop's memory then grew by an epoch's data
+    every few epochs). Reads like a list of the calls."""
+
+    __slots__ = ("_refs",)
+
+    def __init__(self):
+        self._refs = []
+
+    def append(self, call) -> None:
+        self._refs.append(weakref.ref(call))
+
+    def __iter__(self):
+        return (c for c in (r() for r in self._refs) if c is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __bool__(self) -> bool:
+        return any(True for _ in self)
+
+    def __getitem__(self, index):
+        return list(self)[index]
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 @dataclass(eq=False)
 class Segment:
     """Columns [start, stop) of a call's input, and the call whose sample they are (None: context)."""
@@ -112,14 +147,14 @@ class StochasticCall:
     segments: tuple               # Segment per run of columns
     logits: torch.Tensor          # with autograd history ([B, out], or [B, V, K] for categorical)
     sample: torch.Tensor
-    children: list = field(default_factory=list)   # later calls that take this sample as input
+    children: _Later = field(default_factory=_Later)  # later calls that take this sample as input
     unmodeled: list = field(default_factory=list)  # why HNCA cannot credit this unit (-> REINFORCE)
     version: int = 0                               # sample._version when drawn
     weight_version: int = 0                        # layer.weight._version at the call
     feeds_unmodeled: bool = False                  # reaches a later call through other operations
     observed: bool = False                         # a scored call
     value_source: "StochasticCall | None" = None   # scored: the sampled call whose sample is the value
-    value_of: list = field(default_factory=list)   # sampled: the scored calls whose value is its sample
+    value_of: _Later = field(default_factory=_Later)  # sampled: the scored calls whose value is its sample
     tainted_by: frozenset = frozenset()            # calls whose samples reach the inputs (or value) otherwise
 
     @property

@@ -265,3 +265,31 @@ def test_every_way_of_building_a_sequential_is_checked(change):
          "extend": lambda: net.extend([bad]), "setitem": lambda: net.__setitem__(1, bad),
          "iadd": lambda: net.__iadd__(StochasticSequential(bad))}[change]()
     assert list(net) == before
+
+
+@pytest.mark.parametrize("estimator", ["hnca_baseline", "reinforce_loo", "disarm", "gumbel_st"])
+def test_a_record_is_freed_without_the_cycle_collector(estimator):
+    """A step's record and its tensors go with the last reference to them (no reference cycles):
+    a training loop's memory does not wait for the cycle collector (with the data's epoch tensor
+    kept alive by any record still waiting for it)."""
+    import gc
+    import weakref
+
+    from hnca_kernels.models import BernoulliVAE, CategoricalVAE
+
+    for vae in (BernoulliVAE(2, hidden=6, data_dim=9), CategoricalVAE(1, variables=2, classes=3, data_dim=9)):
+        if estimator == "disarm" and isinstance(vae, CategoricalVAE):
+            continue
+        data = (torch.rand(40, 9) < 0.5).float()
+        gc.collect()
+        gc.disable()
+        try:
+            estimate = vae.estimate(data[:8], estimator)
+            estimate.loss.backward()
+            estimate.gradient_variance()
+            rec, storage = weakref.ref(estimate.record), weakref.ref(data)
+            del estimate, data
+            assert rec() is None, "the record outlives its last reference"
+            assert storage() is None, "the data outlive the step"
+        finally:
+            gc.enable()
