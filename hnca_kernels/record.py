@@ -127,6 +127,12 @@ class _Later:
         return repr(list(self))
 
 
+def _later() -> "_Later | list":
+    """A call's links to later calls: weak in eager mode; a list while torch.compile traces (it
+    cannot trace the weak references, and what it traces is built once)."""
+    return [] if torch.compiler.is_compiling() else _Later()
+
+
 @dataclass(eq=False)
 class Segment:
     """Columns [start, stop) of a call's input, and the call whose sample they are (None: context)."""
@@ -147,14 +153,14 @@ class StochasticCall:
     segments: tuple               # Segment per run of columns
     logits: torch.Tensor          # with autograd history ([B, out], or [B, V, K] for categorical)
     sample: torch.Tensor
-    children: _Later = field(default_factory=_Later)  # later calls that take this sample as input
+    children: _Later = field(default_factory=_later)  # later calls that take this sample as input
     unmodeled: list = field(default_factory=list)  # why HNCA cannot credit this unit (-> REINFORCE)
     version: int = 0                               # sample._version when drawn
     weight_version: int = 0                        # layer.weight._version at the call
     feeds_unmodeled: bool = False                  # reaches a later call through other operations
     observed: bool = False                         # a scored call
     value_source: "StochasticCall | None" = None   # scored: the sampled call whose sample is the value
-    value_of: _Later = field(default_factory=_Later)  # sampled: the scored calls whose value is its sample
+    value_of: _Later = field(default_factory=_later)  # sampled: the scored calls whose value is its sample
     tainted_by: frozenset = frozenset()            # calls whose samples reach the inputs (or value) otherwise
 
     @property
