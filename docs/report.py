@@ -361,10 +361,11 @@ def comparison_figure(runs: Path, docs: Path, output: Path, curves, title: str) 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     drawn = False
     for k, (label, dirs, key) in enumerate(curves):
-        ms = [_upto(_metrics(d)) for d in dirs]
-        ms = [m for m in ms if m]
+        ms = [m for m in (_upto(_metrics(d)) for d in dirs) if m]
         if not ms:
             continue
+        # as in the tables: the seeds that reached the planned length, else the longest one
+        ms = [m for m in ms if m[-1]["epoch"] >= PLANNED] or [max(ms, key=lambda m: m[-1]["epoch"])]
         drawn = True
         epochs = min(m[-1]["epoch"] for m in ms)
         series = [[m[e]["train_elbo"] for e in range(epochs)] for m in ms]
@@ -382,7 +383,7 @@ def comparison_figure(runs: Path, docs: Path, output: Path, curves, title: str) 
         plt.close(fig)
         return None
     left.set_xlabel("epoch")
-    right.set_xlabel("hours of training on one CPU thread (every step time measured in one process)" if timed_on
+    right.set_xlabel("hours of training on one CPU thread (step times measured together)" if timed_on
                      else "no step times (benchmarks/vae_interleaved.py --json docs/step-times.json)")
     for ax in (left, right):
         ax.set_ylabel("train ELBO")
