@@ -73,3 +73,17 @@ inline void check_credit(const at::Tensor& logits, const at::Tensor& d) {
 }
 
 }  // namespace hnca
+
+#ifdef HNCA_PYTHON_MODULE
+// Built by setup.py as a Python extension module (each library includes this header in its one
+// source): importing the module loads the library, whose static registrations add the ops; the
+// module itself is empty. (The build on first use loads the library with
+// torch.ops.load_library instead.)
+#include <Python.h>
+#define HNCA_CAT(a, b) a##b
+#define HNCA_MODULE_INIT(name) HNCA_CAT(PyInit_, name)
+extern "C" PyObject* HNCA_MODULE_INIT(TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, C10_STRINGIZE(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif
