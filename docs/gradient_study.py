@@ -55,6 +55,14 @@ def main(argv=None) -> int:
                         help="estimates of hnca_baseline on the batch before the study, so that the baselines "
                              "track it (a run of another estimator leaves them at their start)")
     args = parser.parse_args(argv)
+    missing = [name for name in ("config.json", "checkpoint.pt") if not (args.run / name).is_file()]
+    if missing:
+        print(f"gradient_study.py: {args.run} is not a run directory with a checkpoint (no {', '.join(missing)})",
+              file=sys.stderr)
+        return 2
+    if args.samples < 2 or args.batch < 1:
+        print("gradient_study.py: --samples must be at least 2 and --batch at least 1", file=sys.stderr)
+        return 2
     config = json.loads((args.run / "config.json").read_text())
     checkpoint = torch.load(args.run / "checkpoint.pt", map_location="cpu", weights_only=False)
     if config.get("latent", "bernoulli") != "bernoulli":

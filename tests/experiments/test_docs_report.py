@@ -182,3 +182,12 @@ def test_the_comparison_figure_takes_its_time_axis_from_the_measured_steps(tmp_p
     assert out == tmp_path / "f.png" and out.stat().st_size > 0
     assert report._step_ms(tmp_path) == ({"bernoulli-L2/hnca_baseline": 3.0}, "a CPU (AVX2), one thread, torch 2, 2026-01-01")
     assert report.comparison_figure(tmp_path, tmp_path, tmp_path / "g.png", [("x", [], "k")], "t") is None
+
+
+def test_gradient_study_refuses_a_directory_without_a_checkpoint(tmp_path, capsys):
+    import gradient_study
+
+    _run(tmp_path / "run", [], {"layers": 2})  # config and metrics, no checkpoint
+    assert gradient_study.main([str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoint.pt" in err
