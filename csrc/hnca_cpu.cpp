@@ -7,15 +7,18 @@
 // children are multiplied as q = prod - 1 (q <- q + delta + q*delta), and one vector log1p(q) per
 // chunk replaces a log per term. Keeping q rather than the product keeps messages near 0 exact to
 // relative rounding (saturated children send tiny terms), but its error grows as 1/prod; a chunk
-// is therefore cut where the summed bound sum_j w*max_i|W[j, i]| would pass kChunkRange, so every
-// partial product lies in [e^-4, e^4]. A child with w*max|W| > kChunkRange alone ("wide") is
-// summed per term in the log domain: -logaddexp(log u, log v + log A), exact for any weight.
+// therefore ends before the summed bounds of its factors' |log| would pass kChunkRange, so every
+// partial product lies in [e^-4, e^4]. The bound of a factor is w*max_i|W[j, i]|, and for the
+// Bernoulli message, where it is smaller, v*expm1(that) (factor_bound): each example cuts its own
+// chunks, so that a trained model's confident children (v small, weights past kChunkRange) still
+// share long chunks. A factor whose bound passes kChunkRange ("wide") is summed per term in the
+// log domain: -logaddexp(log u, log v + log A), exact for any weight.
 //
 // Layout: the tables are stored block by block, [block of 64 parents][child][+/-][parent], so a
 // block's rows are contiguous (rows of a power-of-two stride fell into a few cache sets: about
-// 2x slower at in = 1024). A task is one block of parents x 32 examples; it walks the chunks of children,
-// and for each chunk (at most 32 children: 16 KiB of tables, held in L1) every pair of examples
-// runs the loop over the chunk's children with its 2 x 4 accumulators in registers.
+// 2x slower at in = 1024). A task is one block of parents x 32 examples; it walks tiles of at most
+// 32 children (16 KiB of tables, held in L1), and for each tile every pair of examples runs the
+// loop over the tile's children with its 2 x 4 accumulators in registers.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -53,6 +56,7 @@ constexpr int kVecs = HNCA_VECS;
 // tables, 32 children x 2 x 4 vectors, are 16 KiB in float32)
 constexpr int64_t kRowsPerTask = 32;
 constexpr int64_t kMaxChunk = 32;
+static_assert(kRowsPerTask % kRows == 0, "a task's pairs of rows must be the pairs that share a plan of chunks");
 
 // Work below this many counterfactual terms (~0.4 ms on one core) runs on the calling thread.
 // NOTE: on the shared 2-core machine a parallel region waits whenever the other core is busy;
@@ -129,11 +133,12 @@ struct Chunk {
   bool wide;    // a single child summed in the log domain
 };
 
-// Cut the children into chunks by the bound r_j = w*max_i|W[j, i]| of each child's factors.
+// The bound r_j = w*max_i|W[j, i]| of each child's factors: |log factor| <= r_j (NaN for a row
+// holding NaN: maximum propagates it).
 // NOTE: one vector pass over the (contiguous) weight; abs/amax/mul/to as ATen ops cost ~40 us
 // a call at 200x200, a tenth of the message.
 template <typename T>
-std::vector<Chunk> plan_chunks(const at::Tensor& weight, double w) {
+std::vector<double> child_bounds(const at::Tensor& weight, double w) {
   using Vec = Vectorized<T>;
   const int64_t out = weight.size(0), in = weight.size(1);
   const T* wp = weight.data_ptr<T>();
@@ -146,6 +151,15 @@ std::vector<Chunk> plan_chunks(const at::Tensor& weight, double w) {
       r[j] = w * double(at::vec::map_reduce_all<T>(abs, max, wp + j * in, in));
     }
   });
+  return r;
+}
+
+// Cut the children into chunks by bounds r_j of their factors' |log| (child_bounds, or tighter):
+// a chunk's bounds sum to at most kChunkRange, a child with r_j > kChunkRange (or NaN) is a chunk
+// of its own, wide, and no chunk crosses a multiple of kMaxChunk (the tiles of message_task).
+template <typename B>
+std::vector<Chunk> plan_chunks(const std::vector<B>& r) {
+  const int64_t out = static_cast<int64_t>(r.size());
   std::vector<Chunk> chunks;
   int64_t begin = 0;  // the open chunk of narrow children is [begin, j)
   double used = 0.0;
@@ -160,7 +174,7 @@ std::vector<Chunk> plan_chunks(const at::Tensor& weight, double w) {
       chunks.push_back({j + 1, true});
       begin = j + 1;
     } else {
-      if (used + r[j] > kChunkRange || j - begin == kMaxChunk) close(j);
+      if (used + r[j] > kChunkRange || j % kMaxChunk == 0) close(j);
       used += r[j];
     }
   }
@@ -236,11 +250,22 @@ struct BernoulliArgs {
   const T* v;          // [B, out] sigmoid(-s*l)
   const T* log_u;      // [B, out] log sigmoid(s*l) (wide children only)
   const T* log_v;      // [B, out] log sigmoid(-s*l) (wide children only)
-  const Chunk* chunks;
-  int64_t num_chunks, in, out;
+  const std::vector<Chunk>* plans;  // example b's chunks: plans[b / examples_per_plan]
+  int64_t examples_per_plan, in, out;
   T hi;
   T* d;                // [B, in]
 };
+
+// A bound of |log(1 + v*(A - 1))| for A in [e^-r, e^r], v in [0, 1]: min(r, v*expm1(r)).
+// (log(1 + v(A - 1)) <= v(A - 1) above 1; below, -log(1 - x) <= x / (1 - x) with x = v(1 - A),
+// which is at most v*expm1(r) for v <= 1.) A confident child (v small) multiplies every parent's
+// product by nearly 1 whatever its weights, so the products of a trained model's children, whose
+// weights pass kChunkRange, still run in long chunks. NaN (from r or v) gives r or NaN: wide.
+template <typename T>
+inline Vectorized<T> factor_bound(const Vectorized<T>& v, const Vectorized<T>& r, const Vectorized<T>& expm1_r) {
+  const Vectorized<T> bound = v * expm1_r;
+  return Vectorized<T>::blendv(r, bound, bound < r);
+}
 
 // log1p(q) of a chunk's product, q in [e^-4 - 1, e^4 - 1] (or NaN): the one transcendental
 // per chunk and (example, parent).
@@ -361,24 +386,34 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
 }
 
 // One task: examples [b0, b0 + rows) and one block of parents from i0, for either message
-// (BernoulliArgs or EntropyArgs, each with its message_chunk). Chunk by chunk, all rows pass
-// over the chunk's tables while they are in L1.
+// (BernoulliArgs or EntropyArgs, each with its message_chunk). Tile by tile of kMaxChunk children,
+// every pair of rows (and a last single row) runs its chunks of the tile while the tile's tables
+// are in L1; rows of one pair share their chunks (p.plans).
 template <typename T, template <typename> class Args>
 void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   T change[kRowsPerTask * kVecs * L] = {};  // [row][vector][lane]: the summed change at each flip
   auto run = [&](auto nv) {  // nv: the vectors of this block that hold parents, as a constant
-    int64_t j0 = 0;
-    for (int64_t c = 0; c < p.num_chunks; ++c) {
+    struct Cursor {
+      const Chunk* next;  // the row's next chunk, from j0
+      int64_t j0;
+    };
+    Cursor cursor[kRowsPerTask];  // one per pair of rows (per row in the last, partial pair)
+    for (int64_t r = 0; r < rows; ++r) cursor[r] = {p.plans[(b0 + r) / p.examples_per_plan].data(), 0};
+    for (int64_t end = std::min(p.out, kMaxChunk);; end = std::min(p.out, end + kMaxChunk)) {
       int64_t r = 0;
       for (; r + kRows <= rows; r += kRows) {
-        message_chunk<T, kRows, nv()>(p, b0 + r, i0, j0, p.chunks[c], change + r * kVecs * L);
+        for (Cursor& c = cursor[r]; c.j0 < end; c.j0 = (c.next++)->end) {
+          message_chunk<T, kRows, nv()>(p, b0 + r, i0, c.j0, *c.next, change + r * kVecs * L);
+        }
       }
       for (; r < rows; ++r) {
-        message_chunk<T, 1, nv()>(p, b0 + r, i0, j0, p.chunks[c], change + r * kVecs * L);
+        for (Cursor& c = cursor[r]; c.j0 < end; c.j0 = (c.next++)->end) {
+          message_chunk<T, 1, nv()>(p, b0 + r, i0, c.j0, *c.next, change + r * kVecs * L);
+        }
       }
-      j0 = p.chunks[c].end;
+      if (end == p.out) break;
     }
   };
   // NOTE: at in = 200 (float32, blocks of 64) the last block holds 8 parents; running its 4
@@ -415,18 +450,50 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
   const double w = hi - lo;
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "hnca_bernoulli_log_ratio", [&] {
     using T = scalar_t;
-    const auto chunks = plan_chunks<T>(weight, w);
-    const bool any_wide = std::any_of(chunks.begin(), chunks.end(), [](const Chunk& c) { return c.wide; });
-    const int64_t block = kVecs * Vectorized<T>::size();
+    using Vec = Vectorized<T>;
+    constexpr int L = Vec::size();
+    const std::vector<double> r = child_bounds<T>(weight, w);
+    const bool any_wide = !std::all_of(r.begin(), r.end(), [](double b) { return b <= kChunkRange; });
+    const int64_t block = kVecs * L;
     const auto tables = message_tables<T>(weight, T(w), block, /*with_c=*/any_wide);
-    // v = sigmoid(-s*l) = 1 / (1 + exp(s*l)), one fused pass
+    std::vector<T> bound(out), expm1_bound(out);
+    for (int64_t j = 0; j < out; ++j) {
+      bound[j] = T(r[j]);
+      expm1_bound[j] = std::expm1(bound[j]);
+    }
+    // The chunks by the weights' bounds, for every example; where they are short (a trained model's
+    // weights), the chunks of each pair of examples (they share the loop over children) by the
+    // larger of their factor_bounds, computed in the pass of v = sigmoid(-s*l) = 1 / (1 + exp(s*l))
+    std::vector<std::vector<Chunk>> plans{plan_chunks(r)};
+    const int64_t tiles = (out + kMaxChunk - 1) / kMaxChunk;
+    const bool per_pair = any_wide || static_cast<int64_t>(plans[0].size()) > 2 * tiles;
     auto v = at::empty_like(logits);
-    parallel_map2(
-        [](Vectorized<T> l, Vectorized<T> y) {
-          const auto sl = Vectorized<T>::blendv(l.neg(), l, y > Vectorized<T>(T(0)));
-          return (Vectorized<T>(T(1)) + sl.exp()).reciprocal();
-        },
-        v.data_ptr<T>(), logits.data_ptr<T>(), y_.data_ptr<T>(), logits.numel());
+    const T *lp = logits.data_ptr<T>(), *yp = y_.data_ptr<T>();
+    T* vp = v.data_ptr<T>();
+    const int64_t groups = (batch + kRows - 1) / kRows;
+    if (per_pair) plans.resize(groups);
+    at::parallel_for(0, groups, std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, kRows * out)),
+                     [&](int64_t begin, int64_t end) {
+      std::vector<T> largest(out);
+      for (int64_t g = begin; g < end; ++g) {
+        std::fill(largest.begin(), largest.end(), T(0));
+        for (int64_t n = g * kRows * out; n < std::min(batch, (g + 1) * kRows) * out; n += out) {
+          for (int64_t j = 0; j < out; j += L) {
+            const int64_t count = std::min<int64_t>(L, out - j);
+            const Vec l = Vec::loadu(lp + n + j, count);
+            const Vec sl = Vec::blendv(l.neg(), l, Vec::loadu(yp + n + j, count) > Vec(T(0)));
+            const Vec v_ = (Vec(T(1)) + sl.exp()).reciprocal();
+            v_.store(vp + n + j, count);
+            if (!per_pair) continue;
+            const Vec beta =
+                factor_bound(v_, Vec::loadu(bound.data() + j, count), Vec::loadu(expm1_bound.data() + j, count));
+            const Vec so_far = Vec::loadu(largest.data() + j, count);  // NaN sticks: its child is wide
+            Vec::blendv(so_far, beta, (beta > so_far) | beta.isnan()).store(largest.data() + j, count);
+          }
+        }
+        if (per_pair) plans[g] = plan_chunks(largest);
+      }
+    });
     at::Tensor log_u, log_v;
     if (any_wide) {
       const auto sl = at::where(y_ > 0, logits, -logits);  // s*l
@@ -435,8 +502,8 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
     }
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
     const BernoulliArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), table_size(in, out, block), y_.data_ptr<T>(),
-                             v.data_ptr<T>(), ptr(log_u), ptr(log_v), chunks.data(),
-                             static_cast<int64_t>(chunks.size()), in, out, T(hi), d.data_ptr<T>()};
+                             vp, ptr(log_u), ptr(log_v), plans.data(), per_pair ? kRows : batch, in, out, T(hi),
+                             d.data_ptr<T>()};
     for_each_tile(batch, in, block, kRowsPerTask, kRowsPerTask * block * out, [&](int64_t b0, int64_t rows, int64_t i0) {
       message_task(p, b0, rows, i0);
     });
@@ -591,8 +658,8 @@ struct EntropyArgs {
   const T* u;          // [B, out] sigmoid(-|l|)
   const T* kappa;      // [B, out] -|l| sigmoid(|l|)
   const T* h;          // [B, out] H(l)
-  const Chunk* chunks;
-  int64_t num_chunks, in, out;
+  const std::vector<Chunk>* plans;  // example b's chunks: plans[b / examples_per_plan]
+  int64_t examples_per_plan, in, out;
   T hi;
   T* d;                // [B, in]
 };
@@ -667,7 +734,7 @@ at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, co
     using T = scalar_t;
     using Vec = Vectorized<T>;
     constexpr int L = Vec::size();
-    const auto chunks = plan_chunks<T>(weight, w);
+    const auto chunks = plan_chunks(child_bounds<T>(weight, w));
     const int64_t block = kVecs * L;
     const auto tables = message_tables<T>(weight, T(w), block, /*with_c=*/true);
     // per (example, child), with t = exp(-|l|): u = t / (1 + t), kappa = -|l| / (1 + t), and
@@ -687,7 +754,7 @@ at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, co
       }
     });
     const EntropyArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), table_size(in, out, block), lp, up, kp, hp,
-                           chunks.data(), static_cast<int64_t>(chunks.size()), in, out, T(hi), d.data_ptr<T>()};
+                           &chunks, batch, in, out, T(hi), d.data_ptr<T>()};
     const int64_t terms = 3 * kRowsPerTask * block * out;  // a term costs about 3 Bernoulli terms
     for_each_tile(batch, in, block, kRowsPerTask, terms, [&](int64_t b0, int64_t rows, int64_t i0) {
       message_task(p, b0, rows, i0);
@@ -839,7 +906,7 @@ at::Tensor categorical_parent_log_ratio(const at::Tensor& a_in, const at::Tensor
     using T = scalar_t;
     const int64_t L = Vectorized<T>::size();
     const int64_t padded_batch = (batch + L - 1) / L * L;  // examples are the lanes: pad to whole vectors
-    const auto chunks = plan_chunks<T>(weight, 1.0);
+    const auto chunks = plan_chunks(child_bounds<T>(weight, 1.0));
     auto logits_t = at::zeros({out, padded_batch}, opts);
     logits_t.narrow(1, 0, batch).copy_(logits.t());
     auto fired = at::zeros({out, padded_batch}, opts);

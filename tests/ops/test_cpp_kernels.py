@@ -103,6 +103,56 @@ def test_wide_children_among_narrow_ones(backend, device, where, monkeypatch):
         assert rel_err(reference.entropy_delta(x, weight, logits, *pv), out.cpu()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("coding", sorted(CODINGS))
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_confident_children_with_large_weights(backend, device, coding):
+    # a trained model's children: weights past the chunk range (every child wide by its weights'
+    # bound), but most examples confident about most children (v tiny), so that the bounds of
+    # their factors let a pair of examples share long chunks; some children are confidently
+    # wrong (v near 1: the pair's chunk of them is wide) and the batch is odd (a last single row)
+    lo, hi = CODINGS[coding]
+    g = torch.Generator().manual_seed(3)
+    B, n_in, n_out = 13, 70, 100
+    x = torch.where(torch.rand(B, n_in, generator=g) < 0.5, lo, hi).double()
+    weight = torch.randn(n_out, n_in, generator=g).double() * 3.0
+    weight[5] *= 40.0  # exp(w*W) overflows float32: wide for every example, whatever its v
+    sign = torch.where(torch.rand(B, n_out, generator=g) < 0.5, 1.0, -1.0).double()
+    logits = sign * (25.0 + 10 * torch.rand(B, n_out, generator=g).double())  # |l| far past the weights' pull
+    wrong = (torch.rand(B, n_out, generator=g) < 0.1) & (torch.arange(B) % 3 == 0)[:, None]
+    y = torch.where((logits > 0) ^ wrong, hi, lo).double()
+    logits = logits + x @ weight.t() * 0.1
+    ref = reference.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
+    quiet = ~wrong.any(1)  # examples with no wrong child: small terms, each kept to rounding
+    assert quiet.any() and (~quiet).any()
+    for dtype in (torch.float32, torch.float64):
+        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits, y)]
+        out = Fn.counterfactual_log_ratio(*args, parent_values=(lo, hi), backend=backend).cpu().double()
+        assert rel_err(ref, out) < TOL[dtype]
+        elementwise = ((out - ref).abs() / ref.abs().clamp_min(1e-300))[quiet].max().item()
+        assert elementwise < {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
+
+
+@pytest.mark.parametrize("coding", sorted(CODINGS))
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_chunks_keep_products_in_range(backend, device, coding):
+    # 64 children, each confidently wrong (v near 1), each made e^3 more likely by flipping parent
+    # 0: the log-ratio is about 192, a product of e^-192 that underflows float32 unless the
+    # chunks end where the factors' bounds say (here every child or so)
+    lo, hi = CODINGS[coding]
+    B, n_in, n_out = 5, 8, 64
+    x = torch.full((B, n_in), lo, dtype=torch.float64)
+    weight = torch.full((n_out, n_in), 0.1, dtype=torch.float64)
+    weight[:, 0] = 3.0 / (hi - lo)
+    logits = torch.full((B, n_out), -20.0, dtype=torch.float64)
+    y = torch.full((B, n_out), hi, dtype=torch.float64)
+    ref = reference.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
+    assert ref[:, 0].min() > 150
+    for dtype in (torch.float32, torch.float64):
+        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits, y)]
+        out = Fn.counterfactual_log_ratio(*args, parent_values=(lo, hi), backend=backend).cpu().double()
+        assert ((out - ref).abs() / ref.abs()).max() < {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_many_chunks(backend, device):
     # 300 children each near the chunk range: a chunk closes every child or two
