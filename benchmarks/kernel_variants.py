@@ -6,10 +6,15 @@ whose speed drifts, or that other jobs share, hits all variants alike).
     python benchmarks/kernel_variants.py AVX2: AVX2:HNCA_ROWS=1 AVX512:
     python benchmarks/kernel_variants.py --shape 50x200x200 AVX2: AVX2:HNCA_MAX_CHUNK=64
     python benchmarks/kernel_variants.py AVX2@HEAD~1: AVX2:
+    python benchmarks/kernel_variants.py --op categorical --shape 50x200x784 --regime confident AVX512@HEAD~1: AVX512:
 
 A variant is CAPABILITY[@REVISION]:NAME=VALUE,NAME=VALUE (AVX2, AVX512 or DEFAULT; the sources of
 a git revision, else the working tree's); the first is the baseline. The core's FMA peak, measured
 in the same process, is printed beside the throughputs (a narrow term is two multiply-adds).
+
+--op categorical times the message to categorical parents (in = variables x --classes, Bernoulli
+children). --regime confident gives children as a trained model's: weights three times the
+initial scale's bound, logits of +-(25 to 35) and 3% of the children against their logit.
 """
 
 from __future__ import annotations
@@ -62,21 +67,36 @@ def main(argv=None) -> int:
     parser.add_argument("variants", nargs="+")
     parser.add_argument("--shape", default="256x1024x1024", help="B x in x out")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--op", choices=("bernoulli", "entropy"), default="bernoulli")
+    parser.add_argument("--op", choices=("bernoulli", "entropy", "categorical"), default="bernoulli")
+    parser.add_argument("--classes", type=int, default=10, help="classes of a categorical parent")
+    parser.add_argument("--regime", choices=("init", "confident"), default="init")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     B, n_in, n_out = (int(v) for v in args.shape.split("x"))
     g = torch.Generator().manual_seed(0)
-    x = torch.where(torch.rand(B, n_in, generator=g) < 0.5, 1.0, -1.0)
+    if args.op == "categorical":
+        if n_in % args.classes:
+            parser.error(f"--shape: in = {n_in} is not a multiple of --classes {args.classes}")
+        a = torch.randint(0, args.classes, (B, n_in // args.classes), generator=g)
+        x = torch.nn.functional.one_hot(a, args.classes).flatten(1).float()
+    else:
+        x = torch.where(torch.rand(B, n_in, generator=g) < 0.5, 1.0, -1.0)
     weight = (torch.rand(n_out, n_in, generator=g) * 2 - 1) * (6 / (n_in + n_out)) ** 0.5
     logits = x @ weight.t() + torch.randn(n_out, generator=g) * 0.1
     y = torch.where(torch.rand(B, n_out, generator=g) < torch.sigmoid(logits), 1.0, -1.0)
+    if args.regime == "confident":
+        weight = weight * 3 / (6 / (n_in + n_out)) ** 0.5
+        logits = torch.where(torch.rand(B, n_out, generator=g) < 0.5, 1.0, -1.0) * (25 + 10 * torch.rand(B, n_out, generator=g))
+        y = torch.where((logits > 0) ^ (torch.rand(B, n_out, generator=g) < 0.03), 1.0, -1.0)
     with tempfile.TemporaryDirectory() as scratch:
         ops = [build(k, spec, Path(scratch)) for k, spec in enumerate(args.variants)]
     if args.op == "bernoulli":
         calls = [lambda op=op: op.bernoulli_log_ratio(x, weight, logits, y, -1.0, 1.0, True) for op in ops]
-    else:
+    elif args.op == "entropy":
         calls = [lambda op=op: op.entropy_delta(x, weight, logits, -1.0, 1.0, True) for op in ops]
+    else:
+        y01 = (y > 0).float()
+        calls = [lambda op=op: op.categorical_parent_log_ratio(a, weight, logits, y01) for op in ops]
     first = calls[0]()
     for spec, call in zip(args.variants, calls):
         error = float((call() - first).abs().max() / first.abs().max())

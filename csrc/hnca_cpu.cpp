@@ -780,38 +780,52 @@ struct CategoricalParentArgs {
   const T* fired;       // [out, Bp]: 1 where the child fired, else 0
   const int64_t* a;     // [B, V]
   const T* tables;      // [2, V, out, K]: expm1(-W) (a child that fired), expm1(+W)
-  const T* weight;      // [V, out, K]: W (wide children only)
-  const Chunk* chunks;
-  int64_t num_chunks, batch, padded_batch, variables, classes, out;
+  const T* weight;      // [V, out, K]: W
+  int64_t batch, padded_batch, variables, classes, out;
   T* m;                 // [V, K, Bp]: m[k] for each example
 };
 
 // A variable's per (child, example) terms: base = l - W[j, own] and v = sigma(-s base), [out, Bp],
-// row by row (a child's K weights of the variable share one cache line).
+// row by row (a child's K weights of the variable share one cache line). With `flip` (null
+// otherwise) a child unlikely under base (s base < 0) is scored as if it had the other outcome:
+// u + v A = A (v + u / A), so its term is s W[j, k] (flip[j, b] = s, the linear part, a matrix
+// product) plus the other outcome's term, whose factor bound is at most sigma(-|base|) expm1(r):
+// every confident child then multiplies the products by nearly 1, right or wrong; `fired` gets
+// the outcomes scored.
 template <typename T>
-void categorical_parent_prologue(const CategoricalParentArgs<T>& p, int64_t v, T* base, T* sig) {
+void categorical_parent_prologue(const CategoricalParentArgs<T>& p, int64_t v, T* base, T* sig, T* fired, T* flip) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   const int64_t out = p.out, Bp = p.padded_batch, K = p.classes;
   std::vector<int64_t> own(p.batch);
   for (int64_t b = 0; b < p.batch; ++b) own[b] = p.a[b * p.variables + v];
+  const Vec zero(T(0)), one(T(1));
   for (int64_t j = 0; j < out; ++j) {
     const T* w = p.weight + (v * out + j) * K;
     T* row = base + j * Bp;
     for (int64_t b = 0; b < p.batch; ++b) row[b] = p.logits_t[j * Bp + b] - w[own[b]];
     for (int64_t b = p.batch; b < Bp; ++b) row[b] = T(0);
     for (int64_t b = 0; b < Bp; b += L) {
+      const int64_t n = j * Bp + b;
       const Vec x = Vec::loadu(row + b);
-      const Vec fired = Vec::loadu(p.fired + j * Bp + b) > Vec(T(0));
-      (Vec(T(1)) + Vec::blendv(x.neg(), x, fired).exp()).reciprocal().store(sig + j * Bp + b);  // sigma(-s base)
+      const Vec actual = Vec::loadu(p.fired + n);
+      if (flip == nullptr) {
+        (one + Vec::blendv(x.neg(), x, actual > zero).exp()).reciprocal().store(sig + n);  // sigma(-s base)
+      } else {
+        const Vec s = Vec::blendv(one.neg(), one, actual > zero);
+        const Vec flipped = s * x < zero;
+        (one + x.abs().exp()).reciprocal().store(sig + n);  // sigma(-|base|)
+        Vec::blendv(actual, one - actual, flipped).store(fired + n);
+        Vec::blendv(zero, s, flipped).store(flip + n);
+      }
     }
   }
 }
 
 // Classes [k0, k0 + NK) of variable v for examples [b0, b0 + L).
 template <typename T, int NK>
-void categorical_parent_block(const CategoricalParentArgs<T>& p, int64_t v, int64_t b0, int64_t k0, const T* base,
-                              const T* sig) {
+void categorical_parent_block(const CategoricalParentArgs<T>& p, const std::vector<Chunk>& chunks, int64_t v,
+                              int64_t b0, int64_t k0, const T* base, const T* sig, const T* fired_all) {
   using Vec = Vectorized<T>;
   const int64_t out = p.out, K = p.classes, Bp = p.padded_batch;
   const T* expm1_fired = p.tables + v * out * K;
@@ -819,11 +833,11 @@ void categorical_parent_block(const CategoricalParentArgs<T>& p, int64_t v, int6
   Vec total[NK], q[NK];
   for (int k = 0; k < NK; ++k) total[k] = Vec(T(0));
   int64_t j0 = 0;
-  for (int64_t c = 0; c < p.num_chunks; ++c) {
-    if (p.chunks[c].wide) {
+  for (const Chunk& chunk : chunks) {
+    if (chunk.wide) {
       const int64_t j = j0;
       const Vec b_j = Vec::loadu(base + j * Bp + b0);
-      const Vec fired = Vec::loadu(p.fired + j * Bp + b0) > Vec(T(0));
+      const Vec fired = Vec::loadu(fired_all + j * Bp + b0) > Vec(T(0));
       const auto log_sigmoid = [](Vec z) { return at::vec::minimum(z, Vec(T(0))) - z.abs().neg().exp().log1p(); };
       const Vec now = log_sigmoid(Vec::blendv(b_j.neg(), b_j, fired));
       for (int k = 0; k < NK; ++k) {
@@ -832,9 +846,9 @@ void categorical_parent_block(const CategoricalParentArgs<T>& p, int64_t v, int6
       }
     } else {
       for (int k = 0; k < NK; ++k) q[k] = Vec(T(0));
-      for (int64_t j = j0; j < p.chunks[c].end; ++j) {
+      for (int64_t j = j0; j < chunk.end; ++j) {
         const Vec vj = Vec::loadu(sig + j * Bp + b0);
-        const Vec fired = Vec::loadu(p.fired + j * Bp + b0) > Vec(T(0));
+        const Vec fired = Vec::loadu(fired_all + j * Bp + b0) > Vec(T(0));
         const T* hi = expm1_fired + j * K + k0;
         const T* lo = expm1_silent + j * K + k0;
         for (int k = 0; k < NK; ++k) {
@@ -845,30 +859,64 @@ void categorical_parent_block(const CategoricalParentArgs<T>& p, int64_t v, int6
       // each factor is pi(y | base) / pi(y | base + W): the change is minus its log
       for (int k = 0; k < NK; ++k) total[k] = total[k] - chunk_log1p(q[k]);
     }
-    j0 = p.chunks[c].end;
+    j0 = chunk.end;
   }
   for (int k = 0; k < NK; ++k) total[k].store(p.m + (v * K + k0 + k) * Bp + b0);
 }
 
+// Variable v's chunks: by its weights' bounds r_j = max_k |W[j, vK + k]|, and where those cut
+// them short (a trained model's weights), with the unlikely children flipped (the prologue), for
+// each vector of examples by the largest of their factor_bounds (see the Bernoulli message).
+// Returns whether it flipped: then m[v] lacks the linear part W_v^T flip.
 template <typename T>
-void categorical_parent_variable(const CategoricalParentArgs<T>& p, int64_t v, T* base, T* sig) {
-  constexpr int L = Vectorized<T>::size();
+bool categorical_parent_variable(const CategoricalParentArgs<T>& p, int64_t v, T* base, T* sig, T* fired, T* flip) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
   constexpr int kBlock = 8;  // classes at once: 8 accumulators and 8 chains, within 16 registers
-  categorical_parent_prologue(p, v, base, sig);
+  const int64_t out = p.out, Bp = p.padded_batch, K = p.classes;
+  std::vector<T> bound(out);  // r_j; NaN where a weight is NaN (then it stays: comparisons with it are false)
+  for (int64_t j = 0; j < out; ++j) {
+    const T* w = p.weight + (v * out + j) * K;
+    T r = T(0);
+    for (int64_t k = 0; k < K; ++k) r = std::abs(w[k]) > r || std::isnan(w[k]) ? std::abs(w[k]) : r;
+    bound[j] = r;
+  }
+  const std::vector<Chunk> by_weights = plan_chunks(bound);
+  const int64_t tiles = (out + kMaxChunk - 1) / kMaxChunk;
+  const bool by_examples = std::any_of(by_weights.begin(), by_weights.end(), [](const Chunk& c) { return c.wide; }) ||
+                           static_cast<int64_t>(by_weights.size()) > 2 * tiles;
+  categorical_parent_prologue(p, v, base, sig, fired, by_examples ? flip : nullptr);
+  const T* scored = by_examples ? fired : p.fired;
+  std::vector<T> expm1_bound, largest(out);
+  if (by_examples) {
+    for (const T r : bound) expm1_bound.push_back(std::expm1(r));
+  }
+  std::vector<Chunk> per_vector;
   for (int64_t b0 = 0; b0 < p.batch; b0 += L) {
+    if (by_examples) {  // lanes past the batch are padding: their bounds only make chunks shorter
+      for (int64_t j = 0; j < out; ++j) {
+        const Vec beta = factor_bound(Vec::loadu(sig + j * Bp + b0), Vec(bound[j]), Vec(expm1_bound[j]));
+        largest[j] = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, beta);
+      }
+      per_vector = plan_chunks(largest);
+    }
+    const std::vector<Chunk>& chunks = by_examples ? per_vector : by_weights;
     int64_t k0 = 0;
-    for (; k0 + kBlock <= p.classes; k0 += kBlock) categorical_parent_block<T, kBlock>(p, v, b0, k0, base, sig);
+    for (; k0 + kBlock <= p.classes; k0 += kBlock) {
+      categorical_parent_block<T, kBlock>(p, chunks, v, b0, k0, base, sig, scored);
+    }
     switch (p.classes - k0) {
-      case 1: categorical_parent_block<T, 1>(p, v, b0, k0, base, sig); break;
-      case 2: categorical_parent_block<T, 2>(p, v, b0, k0, base, sig); break;
-      case 3: categorical_parent_block<T, 3>(p, v, b0, k0, base, sig); break;
-      case 4: categorical_parent_block<T, 4>(p, v, b0, k0, base, sig); break;
-      case 5: categorical_parent_block<T, 5>(p, v, b0, k0, base, sig); break;
-      case 6: categorical_parent_block<T, 6>(p, v, b0, k0, base, sig); break;
-      case 7: categorical_parent_block<T, 7>(p, v, b0, k0, base, sig); break;
+      case 1: categorical_parent_block<T, 1>(p, chunks, v, b0, k0, base, sig, scored); break;
+      case 2: categorical_parent_block<T, 2>(p, chunks, v, b0, k0, base, sig, scored); break;
+      case 3: categorical_parent_block<T, 3>(p, chunks, v, b0, k0, base, sig, scored); break;
+      case 4: categorical_parent_block<T, 4>(p, chunks, v, b0, k0, base, sig, scored); break;
+      case 5: categorical_parent_block<T, 5>(p, chunks, v, b0, k0, base, sig, scored); break;
+      case 6: categorical_parent_block<T, 6>(p, chunks, v, b0, k0, base, sig, scored); break;
+      case 7: categorical_parent_block<T, 7>(p, chunks, v, b0, k0, base, sig, scored); break;
       default: break;
     }
   }
+  return by_examples;
 }
 
 at::Tensor categorical_parent_log_ratio(const at::Tensor& a_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
@@ -906,7 +954,6 @@ at::Tensor categorical_parent_log_ratio(const at::Tensor& a_in, const at::Tensor
     using T = scalar_t;
     const int64_t L = Vectorized<T>::size();
     const int64_t padded_batch = (batch + L - 1) / L * L;  // examples are the lanes: pad to whole vectors
-    const auto chunks = plan_chunks(child_bounds<T>(weight, 1.0));
     auto logits_t = at::zeros({out, padded_batch}, opts);
     logits_t.narrow(1, 0, batch).copy_(logits.t());
     auto fired = at::zeros({out, padded_batch}, opts);
@@ -916,13 +963,17 @@ at::Tensor categorical_parent_log_ratio(const at::Tensor& a_in, const at::Tensor
     const auto weight_v = by_variable.contiguous();
     auto m = at::empty({variables, classes, padded_batch}, opts);
     const CategoricalParentArgs<T> p{logits_t.data_ptr<T>(), fired.data_ptr<T>(), ap,
-                                     tables.data_ptr<T>(), weight_v.data_ptr<T>(), chunks.data(),
-                                     static_cast<int64_t>(chunks.size()), batch, padded_batch, variables, classes,
-                                     out, m.data_ptr<T>()};
+                                     tables.data_ptr<T>(), weight_v.data_ptr<T>(), batch, padded_batch,
+                                     variables, classes, out, m.data_ptr<T>()};
     const int64_t grain = std::max<int64_t>(1, kTermsPerThread / std::max<int64_t>(1, out * batch * classes));
     at::parallel_for(0, variables, grain, [&](int64_t begin, int64_t end) {
-      std::vector<T> base(out * padded_batch), sig(out * padded_batch);
-      for (int64_t var = begin; var < end; ++var) categorical_parent_variable(p, var, base.data(), sig.data());
+      std::vector<T> base(out * padded_batch), sig(out * padded_batch), scored(out * padded_batch);
+      auto flip = at::empty({out, padded_batch}, opts);
+      for (int64_t var = begin; var < end; ++var) {
+        if (categorical_parent_variable(p, var, base.data(), sig.data(), scored.data(), flip.data_ptr<T>())) {
+          m.select(0, var).addmm_(weight_v.select(0, var).t(), flip);  // the flipped children's s W
+        }
+      }
     });
     // D = m - m at the actual class, per example
     const auto m_b = m.narrow(2, 0, batch).permute({2, 0, 1});  // [B, V, K]

@@ -256,7 +256,7 @@ def test_cuda_backend_says_why_it_is_unavailable_without_a_gpu():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [(7, 3, 4, 13), (50, 20, 10, 784), (1, 1, 1, 1), (9, 2, 17, 40), (3, 2, 40, 9)],
                          ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("regime", ["small", "wide", "saturated"])
+@pytest.mark.parametrize("regime", ["small", "wide", "saturated", "confident"])
 def test_categorical_parent_message_matches_reference(shape, regime, dtype, monkeypatch):
     """Every variable's message in one call (Bernoulli children) against the reference, relative to
     its largest entry; outputs poisoned with NaN first."""
@@ -264,17 +264,39 @@ def test_categorical_parent_message_matches_reference(shape, regime, dtype, monk
     assert backends.is_available("cpp", "cpu")
     B, V, K, out = shape
     g = torch.Generator().manual_seed(B * 131 + K)
-    w_scale, l_scale = {"small": (0.3, 3.0), "wide": (8.0, 3.0), "saturated": (1.0, 60.0)}[regime]
+    # confident: a trained model's children, weights past the chunk bound but most children
+    # predicted far beyond their pull (v tiny), a few confidently wrong
+    w_scale, l_scale = {"small": (0.3, 3.0), "wide": (8.0, 3.0), "saturated": (1.0, 60.0), "confident": (3.0, 30.0)}[regime]
     a = torch.randint(0, K, (B, V), generator=g)
     weight = torch.randn(out, V * K, generator=g, dtype=torch.float64) * w_scale
     logits = torch.randn(B, out, generator=g, dtype=torch.float64) * l_scale
     y = (torch.rand(B, out, generator=g) < 0.5).double()
+    if regime == "confident":
+        logits = torch.where(torch.rand(B, out, generator=g) < 0.5, 1.0, -1.0).double() * (25 + 10 * torch.rand(B, out, generator=g).double())
+        y = ((logits > 0) ^ (torch.rand(B, out, generator=g) < 0.03)).double()
     ref = reference.categorical_parent_log_ratio(a, weight, logits, y)
     got = torch.ops.hnca.categorical_parent_log_ratio(a, weight.to(dtype), logits.to(dtype), y.to(dtype))
     assert got.dtype == dtype and got.shape == (B, V, K) and torch.isfinite(got).all()
     scale = ref.abs().max().clamp_min(1e-3)  # relative, with a floor (one class: the message is 0)
     assert ((got.double() - ref).abs().max() / scale) < TOL[dtype] * 20
     assert (got.gather(2, a.unsqueeze(2)) == 0).all()  # the actual class's own entry
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_categorical_parent_chunks_keep_products_in_range(dtype):
+    # 64 children, each confidently wrong and made e^3 more likely by every class but the actual
+    # one: messages of about 192 (products of e^-192) that underflow float32 unless the chunks end
+    # where the factors' bounds say
+    B, V, K, out = 5, 2, 3, 64
+    a = torch.zeros(B, V, dtype=torch.long)
+    weight = torch.full((out, V * K), 3.0, dtype=torch.float64)
+    weight[:, ::K] = 0.0  # class 0 (the actual one) of each variable
+    logits = torch.full((B, out), -20.0, dtype=torch.float64)
+    y = torch.ones(B, out, dtype=torch.float64)
+    ref = reference.categorical_parent_log_ratio(a, weight, logits, y)
+    assert ref[:, :, 1:].min() > 150
+    got = torch.ops.hnca.categorical_parent_log_ratio(a, weight.to(dtype), logits.to(dtype), y.to(dtype)).double()
+    assert ((got - ref).abs()[:, :, 1:] / ref[:, :, 1:]).max() < {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
