@@ -8,11 +8,16 @@
 // chunk replaces a log per term. Keeping q rather than the product keeps messages near 0 exact to
 // relative rounding (saturated children send tiny terms), but its error grows as 1/prod; a chunk
 // therefore ends before the summed bounds of its factors' |log| would pass kChunkRange, so every
-// partial product lies in [e^-4, e^4]. The bound of a factor is w*max_i|W[j, i]|, and for the
-// Bernoulli message, where it is smaller, v*expm1(that) (factor_bound): each example cuts its own
-// chunks, so that a trained model's confident children (v small, weights past kChunkRange) still
-// share long chunks. A factor whose bound passes kChunkRange ("wide") is summed per term in the
-// log domain: -logaddexp(log u, log v + log A), exact for any weight.
+// partial product lies in [e^-4, e^4]. The bound of a factor is w*max_i|W[j, i]|. Where those
+// bounds cut the chunks short (a trained model's weights), the messages first score each child
+// unlikely under the actual parents as if it had the other outcome (u + v*A = A*(v + u/A): the
+// other outcome's factor times A, whose log is linear in W and added by one matrix product), so
+// that v <= 1/2 and no factor is below 1/2; then the bounds of a factor's fall (2v(1 - e^-r),
+// summed to at most kChunkRange) and rise (v*expm1(r), to at most kGrowthRange: a large product
+// only must not overflow) cut each pair (Bernoulli) or vector (categorical) of examples' chunks,
+// and a trained model's confident children, right or wrong, share long chunks. A child whose
+// bounds alone pass a range ("wide") is summed per term in the log domain: -logaddexp(log u,
+// log v + log A), exact for any weight.
 //
 // Layout: the tables are stored block by block, [block of 64 parents][child][+/-][parent], so a
 // block's rows are contiguous (rows of a power-of-two stride fell into a few cache sets: about
@@ -56,6 +61,8 @@ constexpr int kVecs = HNCA_VECS;
 // tables, 32 children x 2 x 4 vectors, are 16 KiB in float32)
 constexpr int64_t kRowsPerTask = 32;
 constexpr int64_t kMaxChunk = 32;
+// A chunk's product may grow to e^kGrowthRange (float32 overflows past e^88; see chunk_log1p).
+constexpr double kGrowthRange = 64.0;
 static_assert(kRowsPerTask % kRows == 0, "a task's pairs of rows must be the pairs that share a plan of chunks");
 
 // Work below this many counterfactual terms (~0.4 ms on one core) runs on the calling thread.
@@ -154,32 +161,41 @@ std::vector<double> child_bounds(const at::Tensor& weight, double w) {
   return r;
 }
 
-// Cut the children into chunks by bounds r_j of their factors' |log| (child_bounds, or tighter):
-// a chunk's bounds sum to at most kChunkRange, a child with r_j > kChunkRange (or NaN) is a chunk
+// Cut the children into chunks by bounds of their factors' logs: `down` of -log factor, `up` of
+// log factor (child_bounds for both, or tighter). A chunk's down bounds sum to at most kChunkRange
+// (q = product - 1 loses 1/product ulp: a product must not get small) and its up bounds to at most
+// kGrowthRange (a large product only must not overflow); a child past either (or NaN) is a chunk
 // of its own, wide, and no chunk crosses a multiple of kMaxChunk (the tiles of message_task).
 template <typename B>
-std::vector<Chunk> plan_chunks(const std::vector<B>& r) {
-  const int64_t out = static_cast<int64_t>(r.size());
+std::vector<Chunk> plan_chunks(const std::vector<B>& down, const std::vector<B>& up) {
+  const int64_t out = static_cast<int64_t>(down.size());
   std::vector<Chunk> chunks;
   int64_t begin = 0;  // the open chunk of narrow children is [begin, j)
-  double used = 0.0;
+  double used_down = 0.0, used_up = 0.0;
   auto close = [&](int64_t j) {
     if (j > begin) chunks.push_back({j, false});
     begin = j;
-    used = 0.0;
+    used_down = used_up = 0.0;
   };
   for (int64_t j = 0; j < out; ++j) {
-    if (!(r[j] <= kChunkRange)) {  // wide (or NaN): alone, in the log domain
+    if (!(down[j] <= kChunkRange && up[j] <= kGrowthRange)) {  // wide (or NaN): alone, in the log domain
       close(j);
       chunks.push_back({j + 1, true});
       begin = j + 1;
     } else {
-      if (used + r[j] > kChunkRange || j % kMaxChunk == 0) close(j);
-      used += r[j];
+      if (used_down + down[j] > kChunkRange || used_up + up[j] > kGrowthRange || j % kMaxChunk == 0) close(j);
+      used_down += down[j];
+      used_up += up[j];
     }
   }
   close(out);
   return chunks;
+}
+
+// By the weights' bounds r_j alone (|log factor| <= r_j either way).
+template <typename B>
+std::vector<Chunk> plan_chunks(const std::vector<B>& r) {
+  return plan_chunks(r, r);
 }
 
 // The tables [2, blocks, out, 2, block]: for each child and block of parents, expm1(+c) and
@@ -256,18 +272,24 @@ struct BernoulliArgs {
   T* d;                // [B, in]
 };
 
-// A bound of |log(1 + v*(A - 1))| for A in [e^-r, e^r], v in [0, 1]: min(r, v*expm1(r)).
-// (log(1 + v(A - 1)) <= v(A - 1) above 1; below, -log(1 - x) <= x / (1 - x) with x = v(1 - A),
-// which is at most v*expm1(r) for v <= 1.) A confident child (v small) multiplies every parent's
-// product by nearly 1 whatever its weights, so the products of a trained model's children, whose
-// weights pass kChunkRange, still run in long chunks. NaN (from r or v) gives r or NaN: wide.
+// Bounds of the log of a factor 1 + v*(A - 1), A in [e^-r, e^r], for v in [0, 1/2] (every child
+// once the unlikely ones are flipped): up, log <= min(r, v*expm1(r)) (log(1 + x) <= x); down,
+// -log <= 2v(1 - e^-r) (-log(1 - x) <= x / (1 - x) <= 2x for x = v(1 - A) <= 1/2), at most r. A
+// confident child (v small) multiplies every parent's product by nearly 1 whatever its weights,
+// and no factor is below 1/2, so the products of a trained model's children, whose weights pass
+// kChunkRange, still run in long chunks. NaN (from r or v) gives NaN: wide.
 template <typename T>
-inline Vectorized<T> factor_bound(const Vectorized<T>& v, const Vectorized<T>& r, const Vectorized<T>& expm1_r) {
+inline Vectorized<T> growth_bound(const Vectorized<T>& v, const Vectorized<T>& r, const Vectorized<T>& expm1_r) {
   const Vectorized<T> bound = v * expm1_r;
   return Vectorized<T>::blendv(r, bound, bound < r);
 }
 
-// log1p(q) of a chunk's product, q in [e^-4 - 1, e^4 - 1] (or NaN): the one transcendental
+template <typename T>
+inline Vectorized<T> shrink_bound(const Vectorized<T>& v, const Vectorized<T>& shrink_r) {  // shrink_r = 1 - e^-r
+  return Vectorized<T>(T(2)) * v * shrink_r;
+}
+
+// log1p(q) of a chunk's product, q in [e^-4 - 1, e^64 - 1] (or NaN): the one transcendental
 // per chunk and (example, parent).
 template <typename T>
 Vectorized<T> chunk_log1p(const Vectorized<T>& q) {
@@ -453,60 +475,84 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
     using Vec = Vectorized<T>;
     constexpr int L = Vec::size();
     const std::vector<double> r = child_bounds<T>(weight, w);
-    const bool any_wide = !std::all_of(r.begin(), r.end(), [](double b) { return b <= kChunkRange; });
+    // The chunks by the weights' bounds, for every example; where they are short (a trained model's
+    // weights), each child unlikely under the actual parents (s*l < 0) is scored as if it had the
+    // other outcome: u + v*A = A*(v + u/A), so its term is the other outcome's plus log A, a linear
+    // part (below), and every child's v becomes sigma(-|l|) <= 1/2. Then the chunks of each pair
+    // of examples (they share the loop over children) by the larger of their growth and shrink
+    // bounds: a confident child, right or wrong, multiplies the products by nearly 1, and a wide
+    // child is one whose product could overflow.
+    std::vector<std::vector<Chunk>> plans{plan_chunks(r)};
+    const int64_t tiles = (out + kMaxChunk - 1) / kMaxChunk;
+    const bool per_pair = std::any_of(plans[0].begin(), plans[0].end(), [](const Chunk& c) { return c.wide; }) ||
+                          static_cast<int64_t>(plans[0].size()) > 2 * tiles;
     const int64_t block = kVecs * L;
-    const auto tables = message_tables<T>(weight, T(w), block, /*with_c=*/any_wide);
-    std::vector<T> bound(out), expm1_bound(out);
+    const auto tables = message_tables<T>(weight, T(w), block, /*with_c=*/per_pair);
+    std::vector<T> bound(out), expm1_bound(out), shrink(out);
     for (int64_t j = 0; j < out; ++j) {
       bound[j] = T(r[j]);
       expm1_bound[j] = std::expm1(bound[j]);
+      shrink[j] = -std::expm1(-bound[j]);
     }
-    // The chunks by the weights' bounds, for every example; where they are short (a trained model's
-    // weights), the chunks of each pair of examples (they share the loop over children) by the
-    // larger of their factor_bounds, computed in the pass of v = sigmoid(-s*l) = 1 / (1 + exp(s*l))
-    std::vector<std::vector<Chunk>> plans{plan_chunks(r)};
-    const int64_t tiles = (out + kMaxChunk - 1) / kMaxChunk;
-    const bool per_pair = any_wide || static_cast<int64_t>(plans[0].size()) > 2 * tiles;
     auto v = at::empty_like(logits);
+    const auto scored = per_pair ? at::empty_like(logits) : y_;  // the outcomes scored
+    const auto flip = per_pair ? at::empty_like(logits) : at::Tensor();  // s where flipped, else 0
     const T *lp = logits.data_ptr<T>(), *yp = y_.data_ptr<T>();
-    T* vp = v.data_ptr<T>();
+    T *vp = v.data_ptr<T>(), *sp = scored.data_ptr<T>(), *fp = per_pair ? flip.data_ptr<T>() : nullptr;
     const int64_t groups = (batch + kRows - 1) / kRows;
     if (per_pair) plans.resize(groups);
     at::parallel_for(0, groups, std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, kRows * out)),
                      [&](int64_t begin, int64_t end) {
-      std::vector<T> largest(out);
+      const Vec zero(T(0)), one(T(1));
+      std::vector<T> down(out), up(out);
+      // NaN sticks: its child is wide
+      const auto keep_max = [](T* at, Vec x, int64_t count) {
+        const Vec so_far = Vec::loadu(at, count);
+        Vec::blendv(so_far, x, (x > so_far) | x.isnan()).store(at, count);
+      };
       for (int64_t g = begin; g < end; ++g) {
-        std::fill(largest.begin(), largest.end(), T(0));
+        std::fill(down.begin(), down.end(), T(0));
+        std::fill(up.begin(), up.end(), T(0));
         for (int64_t n = g * kRows * out; n < std::min(batch, (g + 1) * kRows) * out; n += out) {
           for (int64_t j = 0; j < out; j += L) {
             const int64_t count = std::min<int64_t>(L, out - j);
             const Vec l = Vec::loadu(lp + n + j, count);
-            const Vec sl = Vec::blendv(l.neg(), l, Vec::loadu(yp + n + j, count) > Vec(T(0)));
-            const Vec v_ = (Vec(T(1)) + sl.exp()).reciprocal();
+            const Vec fired = Vec::loadu(yp + n + j, count) > zero;
+            if (!per_pair) {
+              (one + Vec::blendv(l.neg(), l, fired).exp()).reciprocal().store(vp + n + j, count);  // sigma(-s*l)
+              continue;
+            }
+            const Vec s = Vec::blendv(one.neg(), one, fired);
+            const Vec flipped = s * l < zero;
+            const Vec v_ = (one + l.abs().exp()).reciprocal();  // sigma(-|l|)
             v_.store(vp + n + j, count);
-            if (!per_pair) continue;
-            const Vec beta =
-                factor_bound(v_, Vec::loadu(bound.data() + j, count), Vec::loadu(expm1_bound.data() + j, count));
-            const Vec so_far = Vec::loadu(largest.data() + j, count);  // NaN sticks: its child is wide
-            Vec::blendv(so_far, beta, (beta > so_far) | beta.isnan()).store(largest.data() + j, count);
+            Vec::blendv(s, s.neg(), flipped).store(sp + n + j, count);
+            Vec::blendv(zero, s, flipped).store(fp + n + j, count);
+            keep_max(up.data() + j,
+                     growth_bound(v_, Vec::loadu(bound.data() + j, count), Vec::loadu(expm1_bound.data() + j, count)),
+                     count);
+            keep_max(down.data() + j, shrink_bound(v_, Vec::loadu(shrink.data() + j, count)), count);
           }
         }
-        if (per_pair) plans[g] = plan_chunks(largest);
+        if (per_pair) plans[g] = plan_chunks(down, up);
       }
     });
     at::Tensor log_u, log_v;
-    if (any_wide) {
-      const auto sl = at::where(y_ > 0, logits, -logits);  // s*l
+    if (per_pair) {  // for wide children; every scored outcome has s*l = |l|
+      const auto sl = logits.abs();
       log_u = at::log_sigmoid(sl).contiguous();
       log_v = at::log_sigmoid(-sl).contiguous();
     }
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
-    const BernoulliArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), table_size(in, out, block), y_.data_ptr<T>(),
+    const BernoulliArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), table_size(in, out, block), sp,
                              vp, ptr(log_u), ptr(log_v), plans.data(), per_pair ? kRows : batch, in, out, T(hi),
                              d.data_ptr<T>()};
     for_each_tile(batch, in, block, kRowsPerTask, kRowsPerTask * block * out, [&](int64_t b0, int64_t rows, int64_t i0) {
       message_task(p, b0, rows, i0);
     });
+    // the flipped children's log A = -s*Delta*W[j, i] with Delta = w*sign (sign as at the end of
+    // message_task): minus it in the change, times sign in d, is w * (flip @ W)
+    if (per_pair) d.addmm_(flip, weight, 1, w);
   });
   return d;
 }
@@ -819,6 +865,8 @@ void categorical_parent_prologue(const CategoricalParentArgs<T>& p, int64_t v, T
         Vec::blendv(zero, s, flipped).store(flip + n);
       }
     }
+    // padding lanes: no terms (v = 0), so no bounds that would cut the last vector's chunks short
+    for (int64_t b = p.batch; b < Bp; ++b) sig[j * Bp + b] = T(0);
   }
 }
 
@@ -874,12 +922,16 @@ bool categorical_parent_variable(const CategoricalParentArgs<T>& p, int64_t v, T
   constexpr int L = Vec::size();
   constexpr int kBlock = 8;  // classes at once: 8 accumulators and 8 chains, within 16 registers
   const int64_t out = p.out, Bp = p.padded_batch, K = p.classes;
-  std::vector<T> bound(out);  // r_j; NaN where a weight is NaN (then it stays: comparisons with it are false)
+  std::vector<T> bound(out);  // r_j; NaN where a weight is NaN
   for (int64_t j = 0; j < out; ++j) {
     const T* w = p.weight + (v * out + j) * K;
     T r = T(0);
-    for (int64_t k = 0; k < K; ++k) r = std::abs(w[k]) > r || std::isnan(w[k]) ? std::abs(w[k]) : r;
-    bound[j] = r;
+    bool nan = false;
+    for (int64_t k = 0; k < K; ++k) {  // NOTE: without a branch per weight (that took 12% of the message at K = 10)
+      r = std::max(r, std::abs(w[k]));
+      nan |= std::isnan(w[k]);
+    }
+    bound[j] = nan ? std::numeric_limits<T>::quiet_NaN() : r;
   }
   const std::vector<Chunk> by_weights = plan_chunks(bound);
   const int64_t tiles = (out + kMaxChunk - 1) / kMaxChunk;
@@ -887,18 +939,25 @@ bool categorical_parent_variable(const CategoricalParentArgs<T>& p, int64_t v, T
                            static_cast<int64_t>(by_weights.size()) > 2 * tiles;
   categorical_parent_prologue(p, v, base, sig, fired, by_examples ? flip : nullptr);
   const T* scored = by_examples ? fired : p.fired;
-  std::vector<T> expm1_bound, largest(out);
+  std::vector<T> expm1_bound, shrink, down(out), up(out);
   if (by_examples) {
-    for (const T r : bound) expm1_bound.push_back(std::expm1(r));
+    for (const T r : bound) {
+      expm1_bound.push_back(std::expm1(r));
+      shrink.push_back(-std::expm1(-r));
+    }
   }
   std::vector<Chunk> per_vector;
   for (int64_t b0 = 0; b0 < p.batch; b0 += L) {
-    if (by_examples) {  // lanes past the batch are padding: their bounds only make chunks shorter
+    if (by_examples) {
+      const auto largest = [](Vec x) {  // NaN sticks (maximum propagates it): its child is wide
+        return at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x);
+      };
       for (int64_t j = 0; j < out; ++j) {
-        const Vec beta = factor_bound(Vec::loadu(sig + j * Bp + b0), Vec(bound[j]), Vec(expm1_bound[j]));
-        largest[j] = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, beta);
+        const Vec v_j = Vec::loadu(sig + j * Bp + b0);
+        up[j] = largest(growth_bound(v_j, Vec(bound[j]), Vec(expm1_bound[j])));
+        down[j] = largest(shrink_bound(v_j, Vec(shrink[j])));
       }
-      per_vector = plan_chunks(largest);
+      per_vector = plan_chunks(down, up);
     }
     const std::vector<Chunk>& chunks = by_examples ? per_vector : by_weights;
     int64_t k0 = 0;

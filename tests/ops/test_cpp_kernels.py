@@ -109,7 +109,8 @@ def test_confident_children_with_large_weights(backend, device, coding):
     # a trained model's children: weights past the chunk range (every child wide by its weights'
     # bound), but most examples confident about most children (v tiny), so that the bounds of
     # their factors let a pair of examples share long chunks; some children are confidently
-    # wrong (v near 1: the pair's chunk of them is wide) and the batch is odd (a last single row)
+    # wrong (v near 1: scored as the other outcome plus a linear part) and the batch is odd (a
+    # last single row)
     lo, hi = CODINGS[coding]
     g = torch.Generator().manual_seed(3)
     B, n_in, n_out = 13, 70, 100
@@ -132,21 +133,33 @@ def test_confident_children_with_large_weights(backend, device, coding):
         assert elementwise < {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
 
 
+# 64 children, each moved by one parent (or class) with pull c and the logit l of an outcome
+# o, and the log-ratio it makes:
+# - wrong: confidently wrong (v near 1), e^3 more likely by the flip: about 192, a product of
+#   e^-192 that underflows float32 unless the wrong children are scored by their other outcome
+#   or the chunks end every child;
+# - uncertain: v = 1/2, factors of about 1/2 (about 43): 32 of them in one chunk leave 1 + q
+#   below float32's resolution, so chunks must end where the factors' shrink bounds say;
+# - growing: v = 1e-3 and factors of about 164 (about -326): 32 of them overflow float32, so
+#   chunks must end where the growth bounds say.
+PRODUCTS = {"wrong": (3.0, -20.0, 1, lambda r: r.min() > 150), "uncertain": (3.9, 0.0, 1, lambda r: r.min() > 40),
+            "growing": (12.0, -6.9, 0, lambda r: r.max() < -300)}
+
+
+@pytest.mark.parametrize("children", sorted(PRODUCTS))
 @pytest.mark.parametrize("coding", sorted(CODINGS))
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_chunks_keep_products_in_range(backend, device, coding):
-    # 64 children, each confidently wrong (v near 1), each made e^3 more likely by flipping parent
-    # 0: the log-ratio is about 192, a product of e^-192 that underflows float32 unless the
-    # chunks end where the factors' bounds say (here every child or so)
+def test_chunks_keep_products_in_range(backend, device, coding, children):
     lo, hi = CODINGS[coding]
+    pull, logit, outcome, expected = PRODUCTS[children]
     B, n_in, n_out = 5, 8, 64
     x = torch.full((B, n_in), lo, dtype=torch.float64)
     weight = torch.full((n_out, n_in), 0.1, dtype=torch.float64)
-    weight[:, 0] = 3.0 / (hi - lo)
-    logits = torch.full((B, n_out), -20.0, dtype=torch.float64)
-    y = torch.full((B, n_out), hi, dtype=torch.float64)
+    weight[:, 0] = pull / (hi - lo)
+    logits = torch.full((B, n_out), logit, dtype=torch.float64)
+    y = torch.full((B, n_out), hi if outcome else lo, dtype=torch.float64)
     ref = reference.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
-    assert ref[:, 0].min() > 150
+    assert expected(ref[:, 0])
     for dtype in (torch.float32, torch.float64):
         args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits, y)]
         out = Fn.counterfactual_log_ratio(*args, parent_values=(lo, hi), backend=backend).cpu().double()
@@ -282,21 +295,21 @@ def test_categorical_parent_message_matches_reference(shape, regime, dtype, monk
     assert (got.gather(2, a.unsqueeze(2)) == 0).all()  # the actual class's own entry
 
 
+@pytest.mark.parametrize("children", sorted(PRODUCTS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_categorical_parent_chunks_keep_products_in_range(dtype):
-    # 64 children, each confidently wrong and made e^3 more likely by every class but the actual
-    # one: messages of about 192 (products of e^-192) that underflow float32 unless the chunks end
-    # where the factors' bounds say
+def test_categorical_parent_chunks_keep_products_in_range(dtype, children):
+    # the children of test_chunks_keep_products_in_range, moved by every class but the actual one
+    pull, logit, outcome, expected = PRODUCTS[children]
     B, V, K, out = 5, 2, 3, 64
     a = torch.zeros(B, V, dtype=torch.long)
-    weight = torch.full((out, V * K), 3.0, dtype=torch.float64)
+    weight = torch.full((out, V * K), pull, dtype=torch.float64)
     weight[:, ::K] = 0.0  # class 0 (the actual one) of each variable
-    logits = torch.full((B, out), -20.0, dtype=torch.float64)
-    y = torch.ones(B, out, dtype=torch.float64)
+    logits = torch.full((B, out), logit, dtype=torch.float64)
+    y = torch.full((B, out), float(outcome), dtype=torch.float64)
     ref = reference.categorical_parent_log_ratio(a, weight, logits, y)
-    assert ref[:, :, 1:].min() > 150
+    assert expected(ref[:, :, 1:])
     got = torch.ops.hnca.categorical_parent_log_ratio(a, weight.to(dtype), logits.to(dtype), y.to(dtype)).double()
-    assert ((got - ref).abs()[:, :, 1:] / ref[:, :, 1:]).max() < {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+    assert ((got - ref).abs()[:, :, 1:] / ref[:, :, 1:].abs()).max() < {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
