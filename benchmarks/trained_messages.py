@@ -7,7 +7,8 @@ bound, which its initial weights do not, so the messages' cost depends on traini
 The checkpoint is an ``hnca vae`` run's (2 layers of 200, Bernoulli latents, the defaults). The
 messages are those of one step on the first 50 training images; each is timed for every build,
 interleaved, with its error against the float64 reference; then whole steps (f-HNCA with baseline)
-with each build's message, and, with the installed build, against REINFORCE LOO and DisARM steps.
+with each build's message, and, with the installed build, against REINFORCE LOO, DisARM,
+straight-through Gumbel-softmax and ReinMax steps (ReinMax needs the ``compare`` extra).
 Every line is printed for the model at initialisation and for the trained one.
 """
 
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
             cpp_backend.bernoulli_log_ratio = original
         print(f"{label:8s} f-HNCA-with-baseline step | "
               + " | ".join(f"{spec} {t * 1e3:6.2f} ms {ratio:.2f}x" for spec, (t, ratio) in zip(args.variants, results)))
-        estimators = ("hnca_baseline", "reinforce_loo", "disarm")
+        estimators = ("hnca_baseline", "reinforce_loo", "disarm", "gumbel_st", "reinmax")
         results = interleaved([lambda e=e: step(model, x, e) for e in estimators], max(3, args.rounds // 2))
         print(f"{label:8s} installed build's steps | "
               + " | ".join(f"{e} {t * 1e3:6.2f} ms {ratio:.2f}x" for e, (t, ratio) in zip(estimators, results)))
