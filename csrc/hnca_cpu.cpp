@@ -486,8 +486,6 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
     const int64_t tiles = (out + kMaxChunk - 1) / kMaxChunk;
     const bool per_pair = std::any_of(plans[0].begin(), plans[0].end(), [](const Chunk& c) { return c.wide; }) ||
                           static_cast<int64_t>(plans[0].size()) > 2 * tiles;
-    const int64_t block = kVecs * L;
-    const auto tables = message_tables<T>(weight, T(w), block, /*with_c=*/per_pair);
     std::vector<T> bound(out), expm1_bound(out), shrink(out);
     for (int64_t j = 0; j < out; ++j) {
       bound[j] = T(r[j]);
@@ -537,8 +535,13 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
         if (per_pair) plans[g] = plan_chunks(down, up);
       }
     });
+    const bool any_wide = std::any_of(plans.begin(), plans.end(), [](const std::vector<Chunk>& plan) {
+      return std::any_of(plan.begin(), plan.end(), [](const Chunk& c) { return c.wide; });
+    });
+    const int64_t block = kVecs * L;
+    const auto tables = message_tables<T>(weight, T(w), block, /*with_c=*/any_wide);
     at::Tensor log_u, log_v;
-    if (per_pair) {  // for wide children; every scored outcome has s*l = |l|
+    if (any_wide) {  // per_pair: every scored outcome has s*l = |l|
       const auto sl = logits.abs();
       log_u = at::log_sigmoid(sl).contiguous();
       log_v = at::log_sigmoid(-sl).contiguous();
