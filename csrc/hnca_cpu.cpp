@@ -504,9 +504,9 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
       const Vec zero(T(0)), one(T(1));
       std::vector<T> down(out), up(out);
       // NaN sticks: its child is wide
-      const auto keep_max = [](T* at, Vec x, int64_t count) {
-        const Vec so_far = Vec::loadu(at, count);
-        Vec::blendv(so_far, x, (x > so_far) | x.isnan()).store(at, count);
+      const auto keep_max = [](T* into, Vec x, int64_t count) {
+        const Vec so_far = Vec::loadu(into, count);
+        Vec::blendv(so_far, x, (x > so_far) | x.isnan()).store(into, count);
       };
       for (int64_t g = begin; g < end; ++g) {
         std::fill(down.begin(), down.end(), T(0));
@@ -917,7 +917,8 @@ void categorical_parent_block(const CategoricalParentArgs<T>& p, const std::vect
 
 // Variable v's chunks: by its weights' bounds r_j = max_k |W[j, vK + k]|, and where those cut
 // them short (a trained model's weights), with the unlikely children flipped (the prologue), for
-// each vector of examples by the largest of their factor_bounds (see the Bernoulli message).
+// each vector of examples by the largest of their growth and shrink bounds (see the Bernoulli
+// message).
 // Returns whether it flipped: then m[v] lacks the linear part W_v^T flip.
 template <typename T>
 bool categorical_parent_variable(const CategoricalParentArgs<T>& p, int64_t v, T* base, T* sig, T* fired, T* flip) {
