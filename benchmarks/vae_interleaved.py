@@ -10,6 +10,13 @@ wall-clock axis of the comparison figures in docs/results.md (epochs x 1200 step
 estimator is timed on one machine at one time rather than read from runs that shared a machine.
 A step is what the training loop does: zero the gradients, the estimate, backward, and the
 gradient-variance statistic the command logs. CPU time of the process, one thread, cpp backend.
+
+    python benchmarks/vae_interleaved.py --checkpoints runs/paper/vae/L2-hnca_baseline-lr1e-3-s0/checkpoint.pt \
+        runs/paper/vae/cat20x10-L1-hnca-lr1e-3-s0/checkpoint.pt
+
+times the steps at trained models instead (``hnca vae`` checkpoints of the 2-layer Bernoulli and
+the categorical VAE, the first 50 training images; without the chain): f-HNCA's messages cost
+more as weights grow.
 """
 
 from __future__ import annotations
@@ -50,16 +57,27 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the medians here (see above)")
+    parser.add_argument("--checkpoints", type=Path, nargs=2, metavar=("BERNOULLI", "CATEGORICAL"),
+                        help="time the steps at these trained models (see above)")
     args = parser.parse_args(argv)
-    if args.json and args.layers != 2:
-        parser.error("--json writes the results page's step times, which are the 2-layer model's")
+    if args.json and (args.layers != 2 or args.checkpoints):
+        parser.error("--json writes the results page's step times, which are the 2-layer model's at initialisation")
+    for path in args.checkpoints or ():
+        if not path.is_file():
+            parser.error(f"--checkpoints: no file {path}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x = (torch.rand(50, 784) < 0.3).float()
     chain, record = ChainVAE(args.layers), BernoulliVAE(args.layers)
     record.load_state_dict(chain.state_dict())
     categorical = CategoricalVAE(1)
-    cases = {**{("chain", e): (chain, e) for e in BERNOULLI if e in CHAIN_ESTIMATORS},
+    if args.checkpoints:
+        from hnca_kernels.data import binarize, load_mnist
+
+        x = binarize(load_mnist("train")[0][:50])
+        for model, path in ((record, args.checkpoints[0]), (categorical, args.checkpoints[1])):
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    cases = {**{("chain", e): (chain, e) for e in BERNOULLI if e in CHAIN_ESTIMATORS and not args.checkpoints},
              **{("record", e): (record, e) for e in BERNOULLI},
              **{("categorical", e): (categorical, e) for e in CATEGORICAL}}
     times = {key: [] for key in cases}
@@ -74,7 +92,8 @@ def main(argv=None) -> int:
         return statistics.median(p / q for p, q in zip(times[a], times[b]))
 
     print(f"{args.layers}-layer BernoulliVAE and 1-layer CategoricalVAE (20 x 10), batch 50, "
-          f"{args.rounds} rounds, {torch.backends.cpu.get_cpu_capability()}")
+          f"{args.rounds} rounds, {torch.backends.cpu.get_cpu_capability()}"
+          + (", trained models" if args.checkpoints else ""))
     print("| model | estimator | step, ms (median) | ratio |")
     print("| --- | --- | --- | --- |")
     for (model, estimator), t in times.items():
