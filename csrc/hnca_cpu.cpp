@@ -273,20 +273,80 @@ struct BernoulliArgs {
 };
 
 // Bounds of the log of a factor 1 + v*(A - 1), A in [e^-r, e^r], for v in [0, 1/2] (every child
-// once the unlikely ones are flipped): up, log <= min(r, v*expm1(r)) (log(1 + x) <= x); down,
-// -log <= 2v(1 - e^-r) (-log(1 - x) <= x / (1 - x) <= 2x for x = v(1 - A) <= 1/2), at most r. A
-// confident child (v small) multiplies every parent's product by nearly 1 whatever its weights,
-// and no factor is below 1/2, so the products of a trained model's children, whose weights pass
-// kChunkRange, still run in long chunks. NaN (from r or v) gives NaN: wide.
+// once the unlikely ones are scored by their other outcome): growth, log <= min(r, v*expm1(r))
+// (log(1 + x) <= x); shrink, -log <= 2v(1 - e^-r) (-log(1 - x) <= x / (1 - x) <= 2x for
+// x = v(1 - A) <= 1/2), at most r. A confident child (v small) multiplies every parent's product by
+// nearly 1 whatever its weights, and no factor is below 1/2, so the products of a trained model's
+// children, whose weights pass kChunkRange, still run in long chunks. NaN (from r or v) gives NaN:
+// wide.
 template <typename T>
-inline Vectorized<T> growth_bound(const Vectorized<T>& v, const Vectorized<T>& r, const Vectorized<T>& expm1_r) {
-  const Vectorized<T> bound = v * expm1_r;
-  return Vectorized<T>::blendv(r, bound, bound < r);
+struct FactorBounds {
+  std::vector<T> r, expm1_r, shrink_r;  // per child: r_j, expm1(r_j), 1 - e^-r_j
+
+  explicit FactorBounds(std::vector<T> bounds) : r(std::move(bounds)) {
+    for (const T b : r) {
+      expm1_r.push_back(std::expm1(b));
+      shrink_r.push_back(-std::expm1(-b));
+    }
+  }
+  // children [j, j + count) of one example (the lanes are children)
+  Vectorized<T> growth(const Vectorized<T>& v, int64_t j, int64_t count) const {
+    return growth_bound(v, Vectorized<T>::loadu(r.data() + j, count), Vectorized<T>::loadu(expm1_r.data() + j, count));
+  }
+  Vectorized<T> shrink(const Vectorized<T>& v, int64_t j, int64_t count) const {
+    return shrink_bound(v, Vectorized<T>::loadu(shrink_r.data() + j, count));
+  }
+  // child j of a vector of examples (the lanes are examples)
+  Vectorized<T> growth_of(const Vectorized<T>& v, int64_t j) const {
+    return growth_bound(v, Vectorized<T>(r[j]), Vectorized<T>(expm1_r[j]));
+  }
+  Vectorized<T> shrink_of(const Vectorized<T>& v, int64_t j) const {
+    return shrink_bound(v, Vectorized<T>(shrink_r[j]));
+  }
+
+ private:
+  static Vectorized<T> growth_bound(const Vectorized<T>& v, const Vectorized<T>& r, const Vectorized<T>& expm1_r) {
+    const Vectorized<T> bound = v * expm1_r;
+    return Vectorized<T>::blendv(r, bound, bound < r);
+  }
+  static Vectorized<T> shrink_bound(const Vectorized<T>& v, const Vectorized<T>& shrink_r) {
+    return Vectorized<T>(T(2)) * v * shrink_r;
+  }
+};
+
+// Whether the chunks by the weights' bounds alone are cut short (a wide child, or more than two
+// chunks a tile: a trained model's weights), so that chunks by each example's bounds, after
+// scoring the unlikely children by their other outcome, pay for their planning.
+inline bool cut_short(const std::vector<Chunk>& by_weights, int64_t out) {
+  const int64_t tiles = (out + kMaxChunk - 1) / kMaxChunk;
+  return std::any_of(by_weights.begin(), by_weights.end(), [](const Chunk& c) { return c.wide; }) ||
+         static_cast<int64_t>(by_weights.size()) > 2 * tiles;
 }
 
+// v = sigma(-s*z) of a child with logit z (or base) and outcome s (+1 where `fired`, a mask).
 template <typename T>
-inline Vectorized<T> shrink_bound(const Vectorized<T>& v, const Vectorized<T>& shrink_r) {  // shrink_r = 1 - e^-r
-  return Vectorized<T>(T(2)) * v * shrink_r;
+Vectorized<T> other_outcome(const Vectorized<T>& z, const Vectorized<T>& fired) {
+  return (Vectorized<T>(T(1)) + Vectorized<T>::blendv(z.neg(), z, fired).exp()).reciprocal();
+}
+
+// A child scored by its likelier outcome: where s*z < 0 (unlikely), u + v*A = A*(v + u/A), so its
+// term is the other outcome's plus log A = -s*(change of z), linear in W (the caller adds it by
+// one matrix product of `flip` with W). v = sigma(-|z|) <= 1/2 either way.
+template <typename T>
+struct Likelier {
+  Vectorized<T> v;      // sigma(-|z|)
+  Vectorized<T> fired;  // the outcome scored: 1 where it fired, else 0
+  Vectorized<T> flip;   // s where flipped, else 0
+};
+
+template <typename T>
+Likelier<T> likelier(const Vectorized<T>& z, const Vectorized<T>& fired) {
+  using Vec = Vectorized<T>;
+  const Vec zero(T(0)), one(T(1));
+  const Vec s = Vec::blendv(one.neg(), one, fired);
+  const Vec flipped = s * z < zero;
+  const Vec actual = Vec::blendv(zero, one, fired);
+  return {(one + z.abs().exp()).reciprocal(), Vec::blendv(actual, one - actual, flipped), Vec::blendv(zero, s, flipped)};
 }
 
 // log1p(q) of a chunk's product, q in [e^-4 - 1, e^64 - 1] (or NaN): the one transcendental
@@ -483,17 +543,10 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
     // bounds: a confident child, right or wrong, multiplies the products by nearly 1, and a wide
     // child is one whose product could overflow.
     std::vector<std::vector<Chunk>> plans{plan_chunks(r)};
-    const int64_t tiles = (out + kMaxChunk - 1) / kMaxChunk;
-    const bool per_pair = std::any_of(plans[0].begin(), plans[0].end(), [](const Chunk& c) { return c.wide; }) ||
-                          static_cast<int64_t>(plans[0].size()) > 2 * tiles;
-    std::vector<T> bound(out), expm1_bound(out), shrink(out);
-    for (int64_t j = 0; j < out; ++j) {
-      bound[j] = T(r[j]);
-      expm1_bound[j] = std::expm1(bound[j]);
-      shrink[j] = -std::expm1(-bound[j]);
-    }
+    const bool per_pair = cut_short(plans[0], out);
+    const FactorBounds<T> bounds(per_pair ? std::vector<T>(r.begin(), r.end()) : std::vector<T>());
     auto v = at::empty_like(logits);
-    const auto scored = per_pair ? at::empty_like(logits) : y_;  // the outcomes scored
+    const auto scored = per_pair ? at::empty_like(logits) : y_;  // the outcomes scored (fired where > 0)
     const auto flip = per_pair ? at::empty_like(logits) : at::Tensor();  // s where flipped, else 0
     const T *lp = logits.data_ptr<T>(), *yp = y_.data_ptr<T>();
     T *vp = v.data_ptr<T>(), *sp = scored.data_ptr<T>(), *fp = per_pair ? flip.data_ptr<T>() : nullptr;
@@ -501,7 +554,6 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
     if (per_pair) plans.resize(groups);
     at::parallel_for(0, groups, std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, kRows * out)),
                      [&](int64_t begin, int64_t end) {
-      const Vec zero(T(0)), one(T(1));
       std::vector<T> down(out), up(out);
       // NaN sticks: its child is wide
       const auto keep_max = [](T* into, Vec x, int64_t count) {
@@ -515,21 +567,17 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
           for (int64_t j = 0; j < out; j += L) {
             const int64_t count = std::min<int64_t>(L, out - j);
             const Vec l = Vec::loadu(lp + n + j, count);
-            const Vec fired = Vec::loadu(yp + n + j, count) > zero;
+            const Vec fired = Vec::loadu(yp + n + j, count) > Vec(T(0));
             if (!per_pair) {
-              (one + Vec::blendv(l.neg(), l, fired).exp()).reciprocal().store(vp + n + j, count);  // sigma(-s*l)
+              other_outcome(l, fired).store(vp + n + j, count);
               continue;
             }
-            const Vec s = Vec::blendv(one.neg(), one, fired);
-            const Vec flipped = s * l < zero;
-            const Vec v_ = (one + l.abs().exp()).reciprocal();  // sigma(-|l|)
-            v_.store(vp + n + j, count);
-            Vec::blendv(s, s.neg(), flipped).store(sp + n + j, count);
-            Vec::blendv(zero, s, flipped).store(fp + n + j, count);
-            keep_max(up.data() + j,
-                     growth_bound(v_, Vec::loadu(bound.data() + j, count), Vec::loadu(expm1_bound.data() + j, count)),
-                     count);
-            keep_max(down.data() + j, shrink_bound(v_, Vec::loadu(shrink.data() + j, count)), count);
+            const Likelier<T> c = likelier(l, fired);
+            c.v.store(vp + n + j, count);
+            c.fired.store(sp + n + j, count);
+            c.flip.store(fp + n + j, count);
+            keep_max(up.data() + j, bounds.growth(c.v, j, count), count);
+            keep_max(down.data() + j, bounds.shrink(c.v, j, count), count);
           }
         }
         if (per_pair) plans[g] = plan_chunks(down, up);
@@ -836,11 +884,8 @@ struct CategoricalParentArgs {
 
 // A variable's per (child, example) terms: base = l - W[j, own] and v = sigma(-s base), [out, Bp],
 // row by row (a child's K weights of the variable share one cache line). With `flip` (null
-// otherwise) a child unlikely under base (s base < 0) is scored as if it had the other outcome:
-// u + v A = A (v + u / A), so its term is s W[j, k] (flip[j, b] = s, the linear part, a matrix
-// product) plus the other outcome's term, whose factor bound is at most sigma(-|base|) expm1(r):
-// every confident child then multiplies the products by nearly 1, right or wrong; `fired` gets
-// the outcomes scored.
+// otherwise) each child is scored by its likelier outcome under base (`likelier`; its log A is
+// s W[j, k], added by the caller), and `fired` gets the outcomes scored.
 template <typename T>
 void categorical_parent_prologue(const CategoricalParentArgs<T>& p, int64_t v, T* base, T* sig, T* fired, T* flip) {
   using Vec = Vectorized<T>;
@@ -848,7 +893,6 @@ void categorical_parent_prologue(const CategoricalParentArgs<T>& p, int64_t v, T
   const int64_t out = p.out, Bp = p.padded_batch, K = p.classes;
   std::vector<int64_t> own(p.batch);
   for (int64_t b = 0; b < p.batch; ++b) own[b] = p.a[b * p.variables + v];
-  const Vec zero(T(0)), one(T(1));
   for (int64_t j = 0; j < out; ++j) {
     const T* w = p.weight + (v * out + j) * K;
     T* row = base + j * Bp;
@@ -857,15 +901,14 @@ void categorical_parent_prologue(const CategoricalParentArgs<T>& p, int64_t v, T
     for (int64_t b = 0; b < Bp; b += L) {
       const int64_t n = j * Bp + b;
       const Vec x = Vec::loadu(row + b);
-      const Vec actual = Vec::loadu(p.fired + n);
+      const Vec actual = Vec::loadu(p.fired + n) > Vec(T(0));
       if (flip == nullptr) {
-        (one + Vec::blendv(x.neg(), x, actual > zero).exp()).reciprocal().store(sig + n);  // sigma(-s base)
+        other_outcome(x, actual).store(sig + n);
       } else {
-        const Vec s = Vec::blendv(one.neg(), one, actual > zero);
-        const Vec flipped = s * x < zero;
-        (one + x.abs().exp()).reciprocal().store(sig + n);  // sigma(-|base|)
-        Vec::blendv(actual, one - actual, flipped).store(fired + n);
-        Vec::blendv(zero, s, flipped).store(flip + n);
+        const Likelier<T> c = likelier(x, actual);
+        c.v.store(sig + n);
+        c.fired.store(fired + n);
+        c.flip.store(flip + n);
       }
     }
     // padding lanes: no terms (v = 0), so no bounds that would cut the last vector's chunks short
@@ -931,25 +974,18 @@ bool categorical_parent_variable(const CategoricalParentArgs<T>& p, int64_t v, T
     const T* w = p.weight + (v * out + j) * K;
     T r = T(0);
     bool nan = false;
-    for (int64_t k = 0; k < K; ++k) {  // NOTE: without a branch per weight (that took 12% of the message at K = 10)
+    for (int64_t k = 0; k < K; ++k) {  // without a branch per weight: this loop runs every call
       r = std::max(r, std::abs(w[k]));
       nan |= std::isnan(w[k]);
     }
     bound[j] = nan ? std::numeric_limits<T>::quiet_NaN() : r;
   }
   const std::vector<Chunk> by_weights = plan_chunks(bound);
-  const int64_t tiles = (out + kMaxChunk - 1) / kMaxChunk;
-  const bool by_examples = std::any_of(by_weights.begin(), by_weights.end(), [](const Chunk& c) { return c.wide; }) ||
-                           static_cast<int64_t>(by_weights.size()) > 2 * tiles;
+  const bool by_examples = cut_short(by_weights, out);
   categorical_parent_prologue(p, v, base, sig, fired, by_examples ? flip : nullptr);
   const T* scored = by_examples ? fired : p.fired;
-  std::vector<T> expm1_bound, shrink, down(out), up(out);
-  if (by_examples) {
-    for (const T r : bound) {
-      expm1_bound.push_back(std::expm1(r));
-      shrink.push_back(-std::expm1(-r));
-    }
-  }
+  const FactorBounds<T> bounds(by_examples ? bound : std::vector<T>());
+  std::vector<T> down(out), up(out);
   std::vector<Chunk> per_vector;
   for (int64_t b0 = 0; b0 < p.batch; b0 += L) {
     if (by_examples) {
@@ -958,8 +994,8 @@ bool categorical_parent_variable(const CategoricalParentArgs<T>& p, int64_t v, T
       };
       for (int64_t j = 0; j < out; ++j) {
         const Vec v_j = Vec::loadu(sig + j * Bp + b0);
-        up[j] = largest(growth_bound(v_j, Vec(bound[j]), Vec(expm1_bound[j])));
-        down[j] = largest(shrink_bound(v_j, Vec(shrink[j])));
+        up[j] = largest(bounds.growth_of(v_j, j));
+        down[j] = largest(bounds.shrink_of(v_j, j));
       }
       per_vector = plan_chunks(down, up);
     }
