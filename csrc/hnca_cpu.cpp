@@ -974,7 +974,9 @@ bool categorical_parent_variable(const CategoricalParentArgs<T>& p, int64_t v, T
     const T* w = p.weight + (v * out + j) * K;
     T r = T(0);
     bool nan = false;
-    for (int64_t k = 0; k < K; ++k) {  // without a branch per weight: this loop runs every call
+    // no branch per weight: this loop runs on every call, beside the message (benchmarks/RESULTS.md,
+    // "Confident mistakes")
+    for (int64_t k = 0; k < K; ++k) {
       r = std::max(r, std::abs(w[k]));
       nan |= std::isnan(w[k]);
     }
