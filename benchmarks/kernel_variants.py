@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from hnca_kernels.ops import _build  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from phases import OneLineParser  # noqa: E402
+
 
 def sources(revision: str, into: Path) -> Path:
     """The csrc directory of a git revision, written under ``into`` (the working tree's without one)."""
@@ -44,6 +47,17 @@ def sources(revision: str, into: Path) -> Path:
                               check=True).stdout
         (into / name).write_text(text)
     return into
+
+
+def check_variants(parser: argparse.ArgumentParser, specs) -> None:
+    """A one-line usage error for a variant whose capability or git revision does not exist."""
+    for spec in specs:
+        capability, _, revision = spec.partition(":")[0].partition("@")
+        if capability.upper() not in ("AVX2", "AVX512", "DEFAULT"):
+            parser.error(f"variant {spec!r}: the capability must be AVX2, AVX512 or DEFAULT")
+        if revision and subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"], cwd=ROOT,
+                                       capture_output=True).returncode != 0:
+            parser.error(f"variant {spec!r}: no git revision {revision!r}")
 
 
 def build(index: int, spec: str, scratch: Path):
@@ -63,7 +77,7 @@ def build(index: int, spec: str, scratch: Path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="+")
     parser.add_argument("--shape", default="256x1024x1024", help="B x in x out")
     parser.add_argument("--rounds", type=int, default=15)
@@ -71,8 +85,12 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", type=int, default=10, help="classes of a categorical parent")
     parser.add_argument("--regime", choices=("init", "confident"), default="init")
     args = parser.parse_args(argv)
+    try:
+        B, n_in, n_out = (int(v) for v in args.shape.split("x"))
+    except ValueError:
+        parser.error(f"--shape: {args.shape!r} is not B x in x out, e.g. 256x1024x1024")
+    check_variants(parser, args.variants)
     torch.set_num_threads(1)
-    B, n_in, n_out = (int(v) for v in args.shape.split("x"))
     g = torch.Generator().manual_seed(0)
     if args.op == "categorical":
         if n_in % args.classes:

@@ -17,7 +17,9 @@ that the phases in a row fill the same ``.grad`` as a plain training step.
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -45,6 +47,27 @@ def machine() -> str:
     except (OSError, StopIteration):
         model = "unknown CPU"
     return f"{model}, {os.cpu_count()} cores"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the benchmark scripts, but a usage error is one line on stderr (exit 2)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} -h)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def load_trained(model: nn.Module, path) -> nn.Module:
+    """``model`` with the weights of an ``hnca`` run's checkpoint, or a CommandError naming the
+    problem (an unreadable file, not a checkpoint, or one of another model)."""
+    from hnca_kernels.experiments.rundir import CommandError, load_checkpoint
+
+    state = load_checkpoint(path)["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise CommandError(f"{path} is not a checkpoint of this benchmark's {type(model).__name__}") from None
+    return model
 
 
 def sync(device) -> None:

@@ -27,9 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import kernel_variants  # noqa: E402
+from phases import OneLineParser, load_trained  # noqa: E402
 
 import hnca_kernels.ops.cpp as cpp_backend  # noqa: E402
-from hnca_kernels.data import binarize, load_mnist  # noqa: E402
+from hnca_kernels.data import MNISTError, binarize, load_mnist  # noqa: E402
+from hnca_kernels.experiments.rundir import CommandError  # noqa: E402
 from hnca_kernels.models import BernoulliVAE  # noqa: E402
 from hnca_kernels.ops import _extension, reference  # noqa: E402
 
@@ -68,17 +70,24 @@ def interleaved(calls, rounds):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("variants", nargs="+", help="builds as in kernel_variants.py, the first the baseline")
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
+    kernel_variants.check_variants(parser, args.variants)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     _extension.load_cpu()
     init, trained = BernoulliVAE(2, backend="cpp"), BernoulliVAE(2, backend="cpp")
-    trained.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=False)["model"])
-    x = binarize(load_mnist("train")[0][:50])
+    try:
+        load_trained(trained, args.checkpoint)
+    except CommandError as exc:
+        parser.error(str(exc))
+    try:
+        x = binarize(load_mnist("train")[0][:50])
+    except MNISTError as exc:
+        parser.error(str(exc))
     with tempfile.TemporaryDirectory() as scratch:
         ops = [kernel_variants.build(k, spec, Path(scratch)) for k, spec in enumerate(args.variants)]
     swapped = [lambda x_, w, l, y, lo, hi, op=op: op.bernoulli_log_ratio(x_, w, l, y, lo, hi, True) for op in ops]

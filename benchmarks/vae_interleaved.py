@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from _reference_vae import ESTIMATORS as CHAIN_ESTIMATORS, BernoulliVAE as ChainVAE  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from phases import machine  # noqa: E402
+from phases import OneLineParser, load_trained, machine  # noqa: E402
 
 from hnca_kernels.models import BernoulliVAE, CategoricalVAE  # noqa: E402
 
@@ -52,7 +52,7 @@ def step(model, estimator, x):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--layers", type=int, default=2)
@@ -62,9 +62,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.json and (args.layers != 2 or args.checkpoints):
         parser.error("--json writes the results page's step times, which are the 2-layer model's at initialisation")
-    for path in args.checkpoints or ():
-        if not path.is_file():
-            parser.error(f"--checkpoints: no file {path}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x = (torch.rand(50, 784) < 0.3).float()
@@ -72,11 +69,18 @@ def main(argv=None) -> int:
     record.load_state_dict(chain.state_dict())
     categorical = CategoricalVAE(1)
     if args.checkpoints:
-        from hnca_kernels.data import binarize, load_mnist
+        from hnca_kernels.data import MNISTError, binarize, load_mnist
+        from hnca_kernels.experiments.rundir import CommandError
 
-        x = binarize(load_mnist("train")[0][:50])
         for model, path in ((record, args.checkpoints[0]), (categorical, args.checkpoints[1])):
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+            try:
+                load_trained(model, path)
+            except CommandError as exc:
+                parser.error(f"--checkpoints: {exc}")
+        try:
+            x = binarize(load_mnist("train")[0][:50])
+        except MNISTError as exc:
+            parser.error(str(exc))
     cases = {**{("chain", e): (chain, e) for e in BERNOULLI if e in CHAIN_ESTIMATORS and not args.checkpoints},
              **{("record", e): (record, e) for e in BERNOULLI},
              **{("categorical", e): (categorical, e) for e in CATEGORICAL}}
