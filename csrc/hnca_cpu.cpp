@@ -198,6 +198,129 @@ std::vector<Chunk> plan_chunks(const std::vector<B>& r) {
   return plan_chunks(r, r);
 }
 
+// expm1(x) for x >= 0 (or NaN): the tables' one transcendental per weight.
+template <typename T>
+Vectorized<T> expm1_nonnegative(const Vectorized<T>& x) {
+  return x.expm1();
+}
+
+// log1p(q) of a chunk's product, q in [e^-4 - 1, e^64 - 1] (or NaN): the one transcendental
+// per chunk and (example, parent).
+template <typename T>
+Vectorized<T> chunk_log1p(const Vectorized<T>& q) {
+  return q.log1p();
+}
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// float32, inline and without a division, so that the compiler interleaves a chunk's 8 logs:
+// u = fl(1 + q) = 2^k * m with m in [sqrt(1/2), sqrt(2)), and e = q - (u - 1) the rounding of u
+// (exact: Sterbenz for u in [1/2, 2], and 1 a multiple of u's ulp above). Then
+// log1p(q) = k*ln2 + log1p(f) with f = m - 1 + e*2^-k, log1p(f) = f - f^2/2 + f^3*P(f) with
+// Cephes' logf polynomial P (about 1 ulp on that range). q tiny gives k = 0, f = q: exact
+// to relative rounding, as the messages near 0 need. Only for the chunks' range: q = -1 gives
+// -88 (not -inf), and 1 + q >= 2^127 overflows 2^-k; the chunk bounds keep q far from both.
+// NOTE: not Sleef's logf with Goldberg's q / (u - 1): a call per vector (the accumulators
+// spilled around it) and a division, where this is ~20 FMA-port instructions the compiler
+// schedules with the loop (the A/B is in benchmarks/RESULTS.md, kernel variants).
+#if defined(CPU_CAPABILITY_AVX512)
+using IntReg = __m512i;
+inline IntReg bits_of(__m512 x) { return _mm512_castps_si512(x); }
+inline __m512 float_of(IntReg x) { return _mm512_castsi512_ps(x); }
+inline IntReg int_sub(IntReg a, IntReg b) { return _mm512_sub_epi32(a, b); }
+inline IntReg exponent_field(IntReg a) { return _mm512_srai_epi32(a, 23); }
+inline IntReg to_exponent_field(IntReg a) { return _mm512_slli_epi32(a, 23); }
+inline __m512 int_to_float(IntReg a) { return _mm512_cvtepi32_ps(a); }
+inline IntReg float_to_int(__m512 a) { return _mm512_cvtps_epi32(a); }
+inline IntReg int_add(IntReg a, IntReg b) { return _mm512_add_epi32(a, b); }
+inline IntReg int_splat(int a) { return _mm512_set1_epi32(a); }
+#else
+using IntReg = __m256i;
+inline IntReg bits_of(__m256 x) { return _mm256_castps_si256(x); }
+inline __m256 float_of(IntReg x) { return _mm256_castsi256_ps(x); }
+inline IntReg int_sub(IntReg a, IntReg b) { return _mm256_sub_epi32(a, b); }
+inline IntReg exponent_field(IntReg a) { return _mm256_srai_epi32(a, 23); }
+inline IntReg to_exponent_field(IntReg a) { return _mm256_slli_epi32(a, 23); }
+inline __m256 int_to_float(IntReg a) { return _mm256_cvtepi32_ps(a); }
+inline IntReg float_to_int(__m256 a) { return _mm256_cvtps_epi32(a); }
+inline IntReg int_add(IntReg a, IntReg b) { return _mm256_add_epi32(a, b); }
+inline IntReg int_splat(int a) { return _mm256_set1_epi32(a); }
+#endif
+
+template <>
+inline Vectorized<float> chunk_log1p(const Vectorized<float>& q) {
+  using Vec = Vectorized<float>;
+  const Vec one(1.f);
+  const Vec u = one + q;
+  const Vec e = q - (u - one);
+  // k = floor(log2(u / sqrt(1/2))): the exponent after moving m's range to [sqrt(1/2), sqrt(2))
+  const IntReg k = exponent_field(int_sub(bits_of(u), bits_of(Vec(0.70710678f))));
+  const IntReg k_field = to_exponent_field(k);
+  const Vec m(float_of(int_sub(bits_of(u), k_field)));
+  const Vec two_to_minus_k(float_of(int_sub(bits_of(one), k_field)));
+  const Vec f = at::vec::fmadd(e, two_to_minus_k, m - one);
+  const Vec z = f * f;
+  Vec p(7.0376836292e-2f);
+  for (const float c : {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
+                        -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f}) {
+    p = at::vec::fmadd(p, f, Vec(c));
+  }
+  const Vec log1p_f = f + at::vec::fmadd(Vec(-0.5f), z, f * z * p);
+  // k*ln2 in two parts (ln2_hi has 9 significant bits, so k*ln2_hi is exact for |k| < 2^15)
+  const Vec kf(int_to_float(k));
+  return at::vec::fmadd(kf, Vec(0.693359375f), at::vec::fmadd(kf, Vec(-2.12194440e-4f), log1p_f));
+}
+
+// float32, inline: x = k*ln2 + r with k = round(x / ln2) (at most 127) and |r| <= ln2/2 (up to
+// 0.97 for x in [88.4, 89], where 2^k stops at 2^127), expm1(r) by its Taylor series to r^11
+// (truncated below 1e-9 relative for |r| <= 1), and expm1(x) = 2^k * expm1(r) + (2^k - 1), which overflows to
+// inf past log(FLT_MAX). x small gives k = 0 and the series itself: exact to relative rounding.
+// NOTE: not Sleef's expm1f (at::vec's): with AVX-512 on AMD Zen 5 it took 12 ms for 2^20
+// values, 17x its exp, which made the message tables cost as much as the messages.
+template <>
+inline Vectorized<float> expm1_nonnegative(const Vectorized<float>& x_in) {
+  using Vec = Vectorized<float>;
+  const Vec x = at::vec::minimum(x_in, Vec(89.f));
+  const Vec kf = at::vec::minimum((x * Vec(1.44269504f)).round(), Vec(127.f));
+  const Vec r = at::vec::fmadd(kf, Vec(2.12194440e-4f), at::vec::fmadd(kf, Vec(-0.693359375f), x));
+  Vec series(1.f / 39916800);  // 1/11!, then Horner down to 1/2!: expm1(r) = r + r^2 * series
+  for (const float c : {1.f / 3628800, 1.f / 362880, 1.f / 40320, 1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24,
+                        1.f / 6, 1.f / 2}) {
+    series = at::vec::fmadd(series, r, Vec(c));
+  }
+  const Vec expm1_r = at::vec::fmadd(r * r, series, r);
+  const Vec two_to_k(float_of(to_exponent_field(int_add(float_to_int(kf), int_splat(127)))));
+  return at::vec::fmadd(two_to_k, expm1_r, two_to_k - Vec(1.f));
+}
+#endif
+
+// expm1(+c) and expm1(-c) by one expm1: with e = expm1(|c|), expm1(-|c|) = -e / (1 + e) (-1 where
+// e overflows).
+template <typename T>
+struct Expm1Pair {
+  Vectorized<T> plus, minus;
+};
+
+template <typename T>
+Expm1Pair<T> expm1_pair(const Vectorized<T>& c) {
+  using Vec = Vectorized<T>;
+  const Vec e = expm1_nonnegative(c.abs());
+  const Vec e_inv = Vec::blendv(e.neg() / (Vec(T(1)) + e), Vec(T(-1)), e == Vec(std::numeric_limits<T>::infinity()));
+  const Vec negative = c < Vec(T(0));
+  return {Vec::blendv(e, e_inv, negative), Vec::blendv(e_inv, e, negative)};
+}
+
+// plus[n] = expm1(c[n]) and minus[n] = expm1(-c[n]) for n values.
+template <typename T>
+void expm1_both(const T* c, int64_t n, T* plus, T* minus) {
+  using Vec = Vectorized<T>;
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - i);
+    const Expm1Pair<T> e = expm1_pair(Vec::loadu(c + i, count));
+    e.plus.store(plus + i, count);
+    e.minus.store(minus + i, count);
+  }
+}
+
 // The tables [2, blocks, out, 2, block]: for each child and block of parents, expm1(+c) and
 // expm1(-c), then (a second table of the same layout, table_size(...) further) +c and -c, with
 // c = w*W[j, i]; 0 past the last parent (a factor of 1, a term of 0). A narrow chunk reads the
@@ -224,12 +347,9 @@ at::Tensor message_tables(const at::Tensor& weight, T w, int64_t block, bool wit
         T* dst = tp + ((i / block) * out + j) * 2 * block + i % block;
         // lanes past the last parent load 0: every row is 0 there
         const Vec c = Vec::loadu(wp + j * in + i, std::clamp<int64_t>(in - i, 0, L)) * Vec(w);
-        // one expm1: with e = expm1(|c|), expm1(-|c|) = -e / (1 + e), exact where 1 + e >= 1
-        const Vec e = c.abs().expm1();
-        const Vec e_inv = e.neg() / (Vec(T(1)) + e);
-        const Vec negative = c < Vec(T(0));
-        Vec::blendv(e, e_inv, negative).store(dst);              // expm1(+c)
-        Vec::blendv(e_inv, e, negative).store(dst + block);      // expm1(-c)
+        const Expm1Pair<T> e = expm1_pair(c);
+        e.plus.store(dst);
+        e.minus.store(dst + block);
         if (with_c) {
           c.store(dst + c_rows);
           c.neg().store(dst + c_rows + block);
@@ -349,66 +469,6 @@ Likelier<T> likelier(const Vectorized<T>& z, const Vectorized<T>& fired) {
   return {(one + z.abs().exp()).reciprocal(), Vec::blendv(actual, one - actual, flipped), Vec::blendv(zero, s, flipped)};
 }
 
-// log1p(q) of a chunk's product, q in [e^-4 - 1, e^64 - 1] (or NaN): the one transcendental
-// per chunk and (example, parent).
-template <typename T>
-Vectorized<T> chunk_log1p(const Vectorized<T>& q) {
-  return q.log1p();
-}
-
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// float32, inline and without a division, so that the compiler interleaves a chunk's 8 logs:
-// u = fl(1 + q) = 2^k * m with m in [sqrt(1/2), sqrt(2)), and e = q - (u - 1) the rounding of u
-// (exact: Sterbenz for u in [1/2, 2], and 1 a multiple of u's ulp above). Then
-// log1p(q) = k*ln2 + log1p(f) with f = m - 1 + e*2^-k, log1p(f) = f - f^2/2 + f^3*P(f) with
-// Cephes' logf polynomial P (about 1 ulp on that range). q tiny gives k = 0, f = q: exact
-// to relative rounding, as the messages near 0 need. Only for the chunks' range: q = -1 gives
-// -88 (not -inf), and 1 + q >= 2^127 overflows 2^-k; the chunk bounds keep q far from both.
-// NOTE: not Sleef's logf with Goldberg's q / (u - 1): a call per vector (the accumulators
-// spilled around it) and a division, where this is ~20 FMA-port instructions the compiler
-// schedules with the loop (the A/B is in benchmarks/RESULTS.md, kernel variants).
-#if defined(CPU_CAPABILITY_AVX512)
-using IntReg = __m512i;
-inline IntReg bits_of(__m512 x) { return _mm512_castps_si512(x); }
-inline __m512 float_of(IntReg x) { return _mm512_castsi512_ps(x); }
-inline IntReg int_sub(IntReg a, IntReg b) { return _mm512_sub_epi32(a, b); }
-inline IntReg exponent_field(IntReg a) { return _mm512_srai_epi32(a, 23); }
-inline IntReg to_exponent_field(IntReg a) { return _mm512_slli_epi32(a, 23); }
-inline __m512 int_to_float(IntReg a) { return _mm512_cvtepi32_ps(a); }
-#else
-using IntReg = __m256i;
-inline IntReg bits_of(__m256 x) { return _mm256_castps_si256(x); }
-inline __m256 float_of(IntReg x) { return _mm256_castsi256_ps(x); }
-inline IntReg int_sub(IntReg a, IntReg b) { return _mm256_sub_epi32(a, b); }
-inline IntReg exponent_field(IntReg a) { return _mm256_srai_epi32(a, 23); }
-inline IntReg to_exponent_field(IntReg a) { return _mm256_slli_epi32(a, 23); }
-inline __m256 int_to_float(IntReg a) { return _mm256_cvtepi32_ps(a); }
-#endif
-
-template <>
-inline Vectorized<float> chunk_log1p(const Vectorized<float>& q) {
-  using Vec = Vectorized<float>;
-  const Vec one(1.f);
-  const Vec u = one + q;
-  const Vec e = q - (u - one);
-  // k = floor(log2(u / sqrt(1/2))): the exponent after moving m's range to [sqrt(1/2), sqrt(2))
-  const IntReg k = exponent_field(int_sub(bits_of(u), bits_of(Vec(0.70710678f))));
-  const IntReg k_field = to_exponent_field(k);
-  const Vec m(float_of(int_sub(bits_of(u), k_field)));
-  const Vec two_to_minus_k(float_of(int_sub(bits_of(one), k_field)));
-  const Vec f = at::vec::fmadd(e, two_to_minus_k, m - one);
-  const Vec z = f * f;
-  Vec p(7.0376836292e-2f);
-  for (const float c : {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
-                        -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f}) {
-    p = at::vec::fmadd(p, f, Vec(c));
-  }
-  const Vec log1p_f = f + at::vec::fmadd(Vec(-0.5f), z, f * z * p);
-  // k*ln2 in two parts (ln2_hi has 9 significant bits, so k*ln2_hi is exact for |k| < 2^15)
-  const Vec kf(int_to_float(k));
-  return at::vec::fmadd(kf, Vec(0.693359375f), at::vec::fmadd(kf, Vec(-2.12194440e-4f), log1p_f));
-}
-#endif
 
 // Adds, for ROWS examples from b0 and NV vectors of parents from i0, each flip's change of the
 // log-likelihood of one chunk of children into `change`. NV < kVecs only in the last block of
@@ -1060,8 +1120,9 @@ at::Tensor categorical_parent_log_ratio(const at::Tensor& a_in, const at::Tensor
     auto fired = at::zeros({out, padded_batch}, opts);
     fired.narrow(1, 0, batch).copy_(y.t());
     const auto by_variable = weight.view({out, variables, classes}).permute({1, 0, 2});  // [V, out, K]
-    const auto tables = at::stack({at::expm1(by_variable.neg()), at::expm1(by_variable)}).contiguous();
     const auto weight_v = by_variable.contiguous();
+    auto tables = at::empty({2, variables, out, classes}, opts);  // expm1(-W), expm1(+W)
+    expm1_both(weight_v.data_ptr<T>(), weight_v.numel(), tables.data_ptr<T>() + weight_v.numel(), tables.data_ptr<T>());
     auto m = at::empty({variables, classes, padded_batch}, opts);
     const CategoricalParentArgs<T> p{logits_t.data_ptr<T>(), fired.data_ptr<T>(), ap,
                                      tables.data_ptr<T>(), weight_v.data_ptr<T>(), batch, padded_batch,

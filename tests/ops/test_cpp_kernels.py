@@ -166,6 +166,33 @@ def test_chunks_keep_products_in_range(backend, device, coding, children):
         assert ((out - ref).abs() / ref.abs()).max() < {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
 
 
+@pytest.mark.parametrize("coding", sorted(CODINGS))
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_pulls_up_to_float32_overflow(backend, device, coding):
+    # the kernels' tables of expm1(+-c) at every pull c from 1e-6 to 85 (e^85 is near float32's
+    # largest): child j is pulled by parent 0 alone, with v about e^-|c| / 2 (a confident child,
+    # right about its outcome), so its factor stays near 1.5 and its chunk narrow; both signs of c
+    # and both parent values, so every entry of both tables is read
+    lo, hi = CODINGS[coding]
+    g = torch.Generator().manual_seed(5)
+    B, n_in, n_out = 4, 8, 64
+    pull = torch.cat([torch.logspace(-6, 0, 16), torch.linspace(1.2, 85, 48)]).double()
+    sign = torch.where(torch.rand(n_out, generator=g) < 0.5, 1.0, -1.0).double()
+    x = torch.full((B, n_in), lo, dtype=torch.float64)
+    x[1::2, 0] = hi
+    weight = torch.full((n_out, n_in), 0.01, dtype=torch.float64)
+    weight[:, 0] = sign * pull / (hi - lo)
+    outcome = torch.rand(B, n_out, generator=g) < 0.5
+    logits = torch.where(outcome, 1.0, -1.0).double() * (pull + 0.7)
+    y = torch.where(outcome, hi, lo).double()
+    ref = reference.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
+    assert ref[:, 0].abs().min() > 5
+    for dtype in (torch.float32, torch.float64):
+        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits, y)]
+        out = Fn.counterfactual_log_ratio(*args, parent_values=(lo, hi), backend=backend).cpu().double()
+        assert ((out - ref).abs()[:, 0] / ref[:, 0].abs()).max() < {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_many_chunks(backend, device):
     # 300 children each near the chunk range: a chunk closes every child or two
