@@ -61,7 +61,7 @@ constexpr int kVecs = HNCA_VECS;
 // tables, 32 children x 2 x 4 vectors, are 16 KiB in float32)
 constexpr int64_t kRowsPerTask = 32;
 constexpr int64_t kMaxChunk = 32;
-// A chunk's product may grow to e^kGrowthRange (float32 overflows past e^88; see chunk_log1p).
+// A chunk's product may grow to e^kGrowthRange (float32 overflows past e^88; see log1p_inline).
 constexpr double kGrowthRange = 64.0;
 static_assert(kRowsPerTask % kRows == 0, "a task's pairs of rows must be the pairs that share a plan of chunks");
 
@@ -204,10 +204,10 @@ Vectorized<T> expm1_nonnegative(const Vectorized<T>& x) {
   return x.expm1();
 }
 
-// log1p(q) of a chunk's product, q in [e^-4 - 1, e^64 - 1] (or NaN): the one transcendental
-// per chunk and (example, parent).
+// log1p(q) for q in [-1/2, 2^126] (or NaN): a chunk's product (q in [e^-4 - 1, e^64 - 1]), the one
+// transcendental per chunk and (example, parent), and log1p(e^-|z|) in the log-domain paths.
 template <typename T>
-Vectorized<T> chunk_log1p(const Vectorized<T>& q) {
+Vectorized<T> log1p_inline(const Vectorized<T>& q) {
   return q.log1p();
 }
 
@@ -217,11 +217,12 @@ Vectorized<T> chunk_log1p(const Vectorized<T>& q) {
 // (exact: Sterbenz for u in [1/2, 2], and 1 a multiple of u's ulp above). Then
 // log1p(q) = k*ln2 + log1p(f) with f = m - 1 + e*2^-k, log1p(f) = f - f^2/2 + f^3*P(f) with
 // Cephes' logf polynomial P (about 1 ulp on that range). q tiny gives k = 0, f = q: exact
-// to relative rounding, as the messages near 0 need. Only for the chunks' range: q = -1 gives
-// -88 (not -inf), and 1 + q >= 2^127 overflows 2^-k; the chunk bounds keep q far from both.
+// to relative rounding, as the messages near 0 need. Only for the range above: q = -1 gives
+// -88 (not -inf), and 1 + q >= 2^127 overflows 2^-k.
 // NOTE: not Sleef's logf with Goldberg's q / (u - 1): a call per vector (the accumulators
 // spilled around it) and a division, where this is ~20 FMA-port instructions the compiler
-// schedules with the loop (the A/B is in benchmarks/RESULTS.md, kernel variants).
+// schedules with the loop (the A/B is in benchmarks/RESULTS.md, kernel variants); nor Sleef's
+// log1pf, which with AVX-512 on AMD Zen 5 took 11 ms for 2^20 values, 16x its exp.
 #if defined(CPU_CAPABILITY_AVX512)
 using IntReg = __m512i;
 inline IntReg bits_of(__m512 x) { return _mm512_castps_si512(x); }
@@ -247,7 +248,7 @@ inline IntReg int_splat(int a) { return _mm256_set1_epi32(a); }
 #endif
 
 template <>
-inline Vectorized<float> chunk_log1p(const Vectorized<float>& q) {
+inline Vectorized<float> log1p_inline(const Vectorized<float>& q) {
   using Vec = Vectorized<float>;
   const Vec one(1.f);
   const Vec u = one + q;
@@ -292,6 +293,12 @@ inline Vectorized<float> expm1_nonnegative(const Vectorized<float>& x_in) {
   return at::vec::fmadd(two_to_k, expm1_r, two_to_k - Vec(1.f));
 }
 #endif
+
+// log sigmoid(z) = min(z, 0) - log1p(e^-|z|), for any z.
+template <typename T>
+Vectorized<T> log_sigmoid(const Vectorized<T>& z) {
+  return at::vec::minimum(z, Vectorized<T>(T(0))) - log1p_inline(z.abs().neg().exp());
+}
 
 // expm1(+c) and expm1(-c) by one expm1: with e = expm1(|c|), expm1(-|c|) = -e / (1 + e) (-1 where
 // e overflows).
@@ -498,7 +505,7 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
         const Vec log_a = Vec::blendv(Vec::loadu(rows.at_lo + p.c_rows + k * L),
                                       Vec::loadu(rows.at_hi + p.c_rows + k * L), is_hi[r][k]);
         const Vec other = lv + log_a;
-        sum[r][k] = at::vec::maximum(lu, other) + (lu - other).abs().neg().exp().log1p();
+        sum[r][k] = at::vec::maximum(lu, other) + log1p_inline((lu - other).abs().neg().exp());
       }
     }
   } else {
@@ -515,7 +522,7 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
       }
     }
     for (int r = 0; r < ROWS; ++r) {
-      for (int k = 0; k < NV; ++k) sum[r][k] = chunk_log1p(sum[r][k]);
+      for (int k = 0; k < NV; ++k) sum[r][k] = log1p_inline(sum[r][k]);
     }
   }
   // each factor is pi(y | actual) / pi(y | flipped): the change is minus its log
@@ -650,9 +657,18 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
     const auto tables = message_tables<T>(weight, T(w), block, /*with_c=*/any_wide);
     at::Tensor log_u, log_v;
     if (any_wide) {  // per_pair: every scored outcome has s*l = |l|
-      const auto sl = logits.abs();
-      log_u = at::log_sigmoid(sl).contiguous();
-      log_v = at::log_sigmoid(-sl).contiguous();
+      log_u = at::empty_like(logits);
+      log_v = at::empty_like(logits);
+      T *up = log_u.data_ptr<T>(), *wp = log_v.data_ptr<T>();
+      at::parallel_for(0, logits.numel(), kElementsPerTask, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; n += L) {
+          const int64_t count = std::min<int64_t>(L, end - n);
+          const Vec sl = Vec::loadu(lp + n, count).abs();
+          const Vec lu = log_sigmoid(sl);  // log sigmoid(-|l|) = log sigmoid(|l|) - |l|
+          lu.store(up + n, count);
+          (lu - sl).store(wp + n, count);
+        }
+      });
     }
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
     const BernoulliArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), table_size(in, out, block), sp,
@@ -716,7 +732,7 @@ void categorical_rows(const T* x, const T* weight_all, const T* logits_all, cons
         rest_cf = Vec::blendv(rest_cf + e, (rest_cf + one) * e, zk > top_cf);
         top_cf = at::vec::maximum(top_cf, zk);
       }
-      const Vec ratio = lse_actual - (top_cf + rest_cf.log1p());
+      const Vec ratio = lse_actual - (top_cf + log1p_inline(rest_cf));
       const Vec signed_ratio = Vec::blendv(ratio, ratio.neg(), is_hi);
       T* out = d + b * in + i0;
       (v == 0 ? signed_ratio : Vec::loadu(out, count) + signed_ratio).store(out, count);
@@ -784,7 +800,7 @@ Vectorized<T> entropy(const Vectorized<T>& z) {
   using Vec = Vectorized<T>;
   const Vec m = z.abs();
   const Vec t = m.neg().exp();
-  return t.log1p() + m * t / (Vec(T(1)) + t);
+  return log1p_inline(t) + m * t / (Vec(T(1)) + t);
 }
 
 // 1 / x for x in [1/2, e^4]: float32 takes the hardware estimate and one Newton step (~1 ulp).
@@ -867,7 +883,7 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
       }
     }
     for (int r = 0; r < ROWS; ++r) {
-      for (int k = 0; k < NV; ++k) q[r][k] = chunk_log1p(q[r][k]) - rational[r][k];
+      for (int k = 0; k < NV; ++k) q[r][k] = log1p_inline(q[r][k]) - rational[r][k];
     }
   }
   for (int r = 0; r < ROWS; ++r) {
@@ -992,7 +1008,6 @@ void categorical_parent_block(const CategoricalParentArgs<T>& p, const std::vect
       const int64_t j = j0;
       const Vec b_j = Vec::loadu(base + j * Bp + b0);
       const Vec fired = Vec::loadu(fired_all + j * Bp + b0) > Vec(T(0));
-      const auto log_sigmoid = [](Vec z) { return at::vec::minimum(z, Vec(T(0))) - z.abs().neg().exp().log1p(); };
       const Vec now = log_sigmoid(Vec::blendv(b_j.neg(), b_j, fired));
       for (int k = 0; k < NK; ++k) {
         const Vec z = b_j + Vec(p.weight[(v * out + j) * K + k0 + k]);
@@ -1011,7 +1026,7 @@ void categorical_parent_block(const CategoricalParentArgs<T>& p, const std::vect
         }
       }
       // each factor is pi(y | base) / pi(y | base + W): the change is minus its log
-      for (int k = 0; k < NK; ++k) total[k] = total[k] - chunk_log1p(q[k]);
+      for (int k = 0; k < NK; ++k) total[k] = total[k] - log1p_inline(q[k]);
     }
     j0 = chunk.end;
   }
