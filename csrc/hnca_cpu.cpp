@@ -1170,7 +1170,7 @@ Vectorized<T> logit_credit_vec(const Vectorized<T>& l, const Vectorized<T>& d) {
   using Vec = Vectorized<T>;
   const Vec one(T(1));
   const Vec s = Vec::blendv(one, one.neg(), d < Vec(T(0)));
-  const Vec magnitude = d.abs().neg().expm1().neg();                // 1 - e^-|d|
+  const Vec magnitude = expm1_pair(d.abs()).minus.neg();           // 1 - e^-|d|
   const Vec posterior = (one + (s * (l + d)).neg().exp()).reciprocal();  // sigmoid(s*(l + d))
   const Vec prior = (one + (s * l).exp()).reciprocal();                // sigmoid(-s*l)
   return s * magnitude * posterior * prior;
