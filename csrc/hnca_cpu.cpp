@@ -283,12 +283,15 @@ inline Vectorized<float> expm1_nonnegative(const Vectorized<float>& x_in) {
   const Vec x = at::vec::minimum(x_in, Vec(89.f));
   const Vec kf = at::vec::minimum((x * Vec(1.44269504f)).round(), Vec(127.f));
   const Vec r = at::vec::fmadd(kf, Vec(2.12194440e-4f), at::vec::fmadd(kf, Vec(-0.693359375f), x));
-  Vec series(1.f / 39916800);  // 1/11!, then Horner down to 1/2!: expm1(r) = r + r^2 * series
-  for (const float c : {1.f / 3628800, 1.f / 362880, 1.f / 40320, 1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24,
-                        1.f / 6, 1.f / 2}) {
-    series = at::vec::fmadd(series, r, Vec(c));
-  }
-  const Vec expm1_r = at::vec::fmadd(r * r, series, r);
+  // expm1(r) = r + r^2 * S(r), S = sum of r^n / (n + 2)! for n < 10, by Estrin's scheme (pairs of
+  // terms, then powers r^2, r^4, r^8): 4 dependent steps where Horner's takes 10
+  const auto pair = [&](float a, float b) { return at::vec::fmadd(r, Vec(b), Vec(a)); };
+  const Vec r2 = r * r, r4 = r2 * r2;
+  const Vec low = at::vec::fmadd(r2, pair(1.f / 24, 1.f / 120), pair(1.f / 2, 1.f / 6));
+  const Vec mid = at::vec::fmadd(r2, pair(1.f / 40320, 1.f / 362880), pair(1.f / 720, 1.f / 5040));
+  const Vec high = pair(1.f / 3628800, 1.f / 39916800);
+  const Vec series = at::vec::fmadd(r4, at::vec::fmadd(r4, high, mid), low);
+  const Vec expm1_r = at::vec::fmadd(r2, series, r);
   const Vec two_to_k(float_of(to_exponent_field(int_add(float_to_int(kf), int_splat(127)))));
   return at::vec::fmadd(two_to_k, expm1_r, two_to_k - Vec(1.f));
 }
@@ -308,7 +311,7 @@ struct Expm1Pair {
 };
 
 template <typename T>
-Expm1Pair<T> expm1_pair(const Vectorized<T>& c) {
+inline Expm1Pair<T> expm1_pair(const Vectorized<T>& c) {
   using Vec = Vectorized<T>;
   const Vec e = expm1_nonnegative(c.abs());
   const Vec e_inv = Vec::blendv(e.neg() / (Vec(T(1)) + e), Vec(T(-1)), e == Vec(std::numeric_limits<T>::infinity()));
