@@ -222,7 +222,7 @@ Vectorized<T> log1p_inline(const Vectorized<T>& q) {
 // NOTE: not Sleef's logf with Goldberg's q / (u - 1): a call per vector (the accumulators
 // spilled around it) and a division, where this is ~20 FMA-port instructions the compiler
 // schedules with the loop (the A/B is in benchmarks/RESULTS.md, kernel variants); nor Sleef's
-// log1pf, which with AVX-512 on AMD Zen 5 took 11 ms for 2^20 values, 16x its exp.
+// log1pf, as slow as its expm1f with AVX-512 on AMD Zen 5 (see expm1_nonnegative).
 #if defined(CPU_CAPABILITY_AVX512)
 using IntReg = __m512i;
 inline IntReg bits_of(__m512 x) { return _mm512_castps_si512(x); }
@@ -275,8 +275,9 @@ inline Vectorized<float> log1p_inline(const Vectorized<float>& q) {
 // 0.97 for x in [88.4, 89], where 2^k stops at 2^127), expm1(r) by its Taylor series to r^11
 // (truncated below 1e-9 relative for |r| <= 1), and expm1(x) = 2^k * expm1(r) + (2^k - 1), which overflows to
 // inf past log(FLT_MAX). x small gives k = 0 and the series itself: exact to relative rounding.
-// NOTE: not Sleef's expm1f (at::vec's): with AVX-512 on AMD Zen 5 it took 12 ms for 2^20
-// values, 17x its exp, which made the message tables cost as much as the messages.
+// NOTE: not Sleef's expm1f (at::vec's): with AVX-512 on AMD Zen 5 it runs an order of magnitude
+// slower than its expf, and the message tables cost as much as the messages (benchmarks/RESULTS.md,
+// "Zen 5").
 template <>
 inline Vectorized<float> expm1_nonnegative(const Vectorized<float>& x_in) {
   using Vec = Vectorized<float>;
@@ -1045,7 +1046,10 @@ template <typename T>
 bool categorical_parent_variable(const CategoricalParentArgs<T>& p, int64_t v, T* base, T* sig, T* fired, T* flip) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
-  constexpr int kBlock = 8;  // classes at once: 8 accumulators and 8 chains, within 16 registers
+  // classes at once: their accumulators are the chains that hide the FMA latency (8 needed), so
+  // K is cut into near-equal blocks of at most kBlock (10 classes: one block, not 8 and a
+  // latency-bound 2); a block's totals are touched only at chunk ends
+  constexpr int kBlock = 12;
   const int64_t out = p.out, Bp = p.padded_batch, K = p.classes;
   std::vector<T> bound(out);  // r_j; NaN where a weight is NaN
   for (int64_t j = 0; j < out; ++j) {
@@ -1080,19 +1084,23 @@ bool categorical_parent_variable(const CategoricalParentArgs<T>& p, int64_t v, T
       per_vector = plan_chunks(down, up);
     }
     const std::vector<Chunk>& chunks = by_examples ? per_vector : by_weights;
-    int64_t k0 = 0;
-    for (; k0 + kBlock <= p.classes; k0 += kBlock) {
-      categorical_parent_block<T, kBlock>(p, chunks, v, b0, k0, base, sig, scored);
-    }
-    switch (p.classes - k0) {
-      case 1: categorical_parent_block<T, 1>(p, chunks, v, b0, k0, base, sig, scored); break;
-      case 2: categorical_parent_block<T, 2>(p, chunks, v, b0, k0, base, sig, scored); break;
-      case 3: categorical_parent_block<T, 3>(p, chunks, v, b0, k0, base, sig, scored); break;
-      case 4: categorical_parent_block<T, 4>(p, chunks, v, b0, k0, base, sig, scored); break;
-      case 5: categorical_parent_block<T, 5>(p, chunks, v, b0, k0, base, sig, scored); break;
-      case 6: categorical_parent_block<T, 6>(p, chunks, v, b0, k0, base, sig, scored); break;
-      case 7: categorical_parent_block<T, 7>(p, chunks, v, b0, k0, base, sig, scored); break;
-      default: break;
+    const int64_t blocks = (K + kBlock - 1) / kBlock, per_block = (K + blocks - 1) / blocks;
+    for (int64_t k0 = 0; k0 < K; k0 += per_block) {
+      const auto block = [&](auto nk) { categorical_parent_block<T, nk()>(p, chunks, v, b0, k0, base, sig, scored); };
+      switch (std::min(per_block, K - k0)) {
+        case 1: block(std::integral_constant<int, 1>()); break;
+        case 2: block(std::integral_constant<int, 2>()); break;
+        case 3: block(std::integral_constant<int, 3>()); break;
+        case 4: block(std::integral_constant<int, 4>()); break;
+        case 5: block(std::integral_constant<int, 5>()); break;
+        case 6: block(std::integral_constant<int, 6>()); break;
+        case 7: block(std::integral_constant<int, 7>()); break;
+        case 8: block(std::integral_constant<int, 8>()); break;
+        case 9: block(std::integral_constant<int, 9>()); break;
+        case 10: block(std::integral_constant<int, 10>()); break;
+        case 11: block(std::integral_constant<int, 11>()); break;
+        default: block(std::integral_constant<int, kBlock>()); break;
+      }
     }
   }
   return by_examples;
