@@ -554,8 +554,20 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
     };
     Cursor cursor[kRowsPerTask];  // one per pair of rows (per row in the last, partial pair)
     for (int64_t r = 0; r < rows; ++r) cursor[r] = {p.plans[(b0 + r) / p.examples_per_plan].data(), 0};
+    // A block's last vectors of parents (nv < kVecs) give a pair of rows fewer chains than the
+    // FMA latency needs (8); where all rows share one plan, groups of rows make up the 8 (a
+    // group's rows advance by its first row's cursor).
+    constexpr int kGroup = std::max(kRows, 8 / nv());
+    const bool grouped = p.examples_per_plan > kRows;  // one plan for every row (see the callers)
     for (int64_t end = std::min(p.out, kMaxChunk);; end = std::min(p.out, end + kMaxChunk)) {
       int64_t r = 0;
+      if constexpr (kGroup > kRows) {
+        for (; grouped && r + kGroup <= rows; r += kGroup) {
+          for (Cursor& c = cursor[r]; c.j0 < end; c.j0 = (c.next++)->end) {
+            message_chunk<T, kGroup, nv()>(p, b0 + r, i0, c.j0, *c.next, change + r * kVecs * L);
+          }
+        }
+      }
       for (; r + kRows <= rows; r += kRows) {
         for (Cursor& c = cursor[r]; c.j0 < end; c.j0 = (c.next++)->end) {
           message_chunk<T, kRows, nv()>(p, b0 + r, i0, c.j0, *c.next, change + r * kVecs * L);
