@@ -10,7 +10,8 @@ whose speed drifts, or that other jobs share, hits all variants alike).
 
 A variant is CAPABILITY[@REVISION]:NAME=VALUE,NAME=VALUE (AVX2, AVX512 or DEFAULT; the sources of
 a git revision, else the working tree's); the first is the baseline. The core's FMA peak, measured
-in the same process, is printed beside the throughputs (a narrow term is two multiply-adds).
+in the same process, is printed beside the throughputs (a narrow term is two multiply-adds), and
+the forward GEMM of the shape (x @ W.T, torch's), timed in the same rounds, beside the times.
 
 --op categorical times the message to categorical parents (in = variables x --classes, Bernoulli
 children). --regime confident gives children as a trained model's: weights three times the
@@ -119,21 +120,26 @@ def main(argv=None) -> int:
     for spec, call in zip(args.variants, calls):
         error = float((call() - first).abs().max() / first.abs().max())
         print(f"{spec}: max relative difference from the first {error:.2e}")
+    gemm = lambda: x @ weight.t()  # noqa: E731
     times = [[] for _ in calls]
+    gemm_times = []
     for r in range(args.rounds + 1):
-        for k, call in enumerate(calls):
+        for k, call in enumerate([*calls, gemm]):
             start = time.process_time()
             call()
             if r:
-                times[k].append(time.process_time() - start)
+                (times[k] if k < len(calls) else gemm_times).append(time.process_time() - start)
     terms = B * n_in * n_out
     peaks = {spec: op.fma_peak(0.2) for spec, op in zip(args.variants, ops) if hasattr(op, "fma_peak")}
     for spec, t in zip(args.variants, times):
         ratio = statistics.median(a / b for a, b in zip(t, times[0]))
         rate = terms / statistics.median(t)
         limit = f"  {2 * rate / peaks[spec]:4.0%} of FMA peak / 2" if spec in peaks else ""
+        to_gemm = statistics.median(a / b for a, b in zip(t, gemm_times))
         print(f"{spec:40s} {statistics.median(t) * 1e3:8.2f} ms  {rate / 1e9:6.2f} G terms/s  "
-              f"{ratio:.3f}x the first{limit}")
+              f"{ratio:.3f}x the first  {to_gemm:5.2f}x the GEMM{limit}")
+    print(f"forward GEMM x @ W.T of the shape ({torch.backends.cpu.get_cpu_capability()}): "
+          f"{statistics.median(gemm_times) * 1e3:.3f} ms")
     for spec, peak in peaks.items():
         print(f"FMA peak measured by {spec}: {peak / 1e9:.1f} G float32 lanes/s")
     return 0
