@@ -273,8 +273,9 @@ inline Vectorized<float> log1p_inline(const Vectorized<float>& q) {
 
 // float32, inline: x = k*ln2 + r with k = round(x / ln2) (at most 127) and |r| <= ln2/2 (up to
 // 0.97 for x in [88.4, 89], where 2^k stops at 2^127), expm1(r) by its Taylor series to r^11
-// (truncated below 1e-9 relative for |r| <= 1), and expm1(x) = 2^k * expm1(r) + (2^k - 1), which overflows to
-// inf past log(FLT_MAX). x small gives k = 0 and the series itself: exact to relative rounding.
+// (truncated below 1e-9 relative for |r| <= 1), and expm1(x) = 2^k * expm1(r) + (2^k - 1), which
+// overflows to inf past log(FLT_MAX). x small gives k = 0 and the series itself: exact to relative
+// rounding.
 // NOTE: not Sleef's expm1f (at::vec's): with AVX-512 on AMD Zen 5 it runs an order of magnitude
 // slower than its expf, and the message tables cost as much as the messages (benchmarks/RESULTS.md,
 // "Zen 5").
@@ -479,7 +480,6 @@ Likelier<T> likelier(const Vectorized<T>& z, const Vectorized<T>& fired) {
   const Vec actual = Vec::blendv(zero, one, fired);
   return {(one + z.abs().exp()).reciprocal(), Vec::blendv(actual, one - actual, flipped), Vec::blendv(zero, s, flipped)};
 }
-
 
 // Adds, for ROWS examples from b0 and NV vectors of parents from i0, each flip's change of the
 // log-likelihood of one chunk of children into `change`. NV < kVecs only in the last block of
