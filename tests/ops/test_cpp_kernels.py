@@ -40,6 +40,13 @@ def rel_err(ref, out):
     return ((ref - out.to(ref)).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def messages_by_dtype(backend, device, x, weight, logits, y, lo, hi):
+    """(dtype, the backend's Bernoulli message as float64 on the CPU) for float32 and float64 inputs."""
+    for dtype in (torch.float32, torch.float64):
+        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits, y)]
+        yield dtype, Fn.counterfactual_log_ratio(*args, parent_values=(lo, hi), backend=backend).cpu().double()
+
+
 def make_layer(shape, coding, regime, seed=0):
     B, n_in, n_out = shape
     w_scale, logit_range = REGIMES[regime]
@@ -125,9 +132,7 @@ def test_confident_children_with_large_weights(backend, device, coding):
     ref = reference.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
     quiet = ~wrong.any(1)  # examples with no wrong child: small terms, each kept to rounding
     assert quiet.any() and (~quiet).any()
-    for dtype in (torch.float32, torch.float64):
-        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits, y)]
-        out = Fn.counterfactual_log_ratio(*args, parent_values=(lo, hi), backend=backend).cpu().double()
+    for dtype, out in messages_by_dtype(backend, device, x, weight, logits, y, lo, hi):
         assert rel_err(ref, out) < TOL[dtype]
         elementwise = ((out - ref).abs() / ref.abs().clamp_min(1e-300))[quiet].max().item()
         assert elementwise < {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
@@ -160,9 +165,7 @@ def test_chunks_keep_products_in_range(backend, device, coding, children):
     y = torch.full((B, n_out), hi if outcome else lo, dtype=torch.float64)
     ref = reference.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
     assert expected(ref[:, 0])
-    for dtype in (torch.float32, torch.float64):
-        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits, y)]
-        out = Fn.counterfactual_log_ratio(*args, parent_values=(lo, hi), backend=backend).cpu().double()
+    for dtype, out in messages_by_dtype(backend, device, x, weight, logits, y, lo, hi):
         assert ((out - ref).abs() / ref.abs()).max() < {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
 
 
@@ -187,9 +190,7 @@ def test_pulls_up_to_float32_overflow(backend, device, coding):
     y = torch.where(outcome, hi, lo).double()
     ref = reference.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
     assert ref[:, 0].abs().min() > 5
-    for dtype in (torch.float32, torch.float64):
-        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits, y)]
-        out = Fn.counterfactual_log_ratio(*args, parent_values=(lo, hi), backend=backend).cpu().double()
+    for dtype, out in messages_by_dtype(backend, device, x, weight, logits, y, lo, hi):
         assert ((out - ref).abs()[:, 0] / ref[:, 0].abs()).max() < {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
 
 
