@@ -49,13 +49,21 @@ LAUNCH_TIMEOUT_S = 600
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: a rank that aborts (SIGABRT from C++) prints every thread's Python stack
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1",
+               PYTHONFAULTHANDLER="1")
     return env
 
 
 def _torchrun(*args, timeout=LAUNCH_TIMEOUT_S):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            *map(str, args)], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=timeout)
+
+
+def _failed(done) -> str:
+    """A failed launch's stderr: the ranks' own lines come first, torchrun's summary of them last."""
+    err = done.stderr
+    return err if len(err) <= 8000 else f"{err[:6000]}\n[...]\n{err[-2000:]}"
 
 
 def _records(run):
@@ -164,7 +172,7 @@ def launch(tmp_path_factory):
     spec = t / "spec.json"
     spec.write_text(json.dumps(list(scenarios.values())))
     done = _torchrun(ROOT / "tests" / "_torchrun_commands.py", spec)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, _failed(done)
     ranks = [json.loads(Path(f"{spec}.rank{r}.json").read_text()) for r in range(2)]
     return t, {name: (ranks[0][i], ranks[1][i]) for i, name in enumerate(scenarios)}
 
@@ -277,7 +285,7 @@ def test_torchrun_runs_the_commands_and_resumes_exactly(tmp_path, launcher):
     for extra in (["--epochs", "2", "--out", tmp_path / "straight"], ["--epochs", "1", "--out", tmp_path / "resumed"],
                   ["--epochs", "2", "--resume", "--out", tmp_path / "resumed"]):
         done = _torchrun(*argv, *extra)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, _failed(done)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert _records(straight) == _records(resumed) and len(_records(straight)) == 2
     _same_tensors(_checkpoint(straight)["model"], _checkpoint(resumed)["model"])
