@@ -1,6 +1,6 @@
 """``python -m hnca_kernels ...`` is the ``hnca`` command."""
 
-from .cli import main
+from .cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

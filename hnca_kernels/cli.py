@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -71,5 +72,23 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = previous
 
 
+def entry() -> None:
+    """The ``hnca`` console script and ``python -m hnca_kernels``: ``main()``, then exit with its status.
+
+    A process that ran in a process group (under torchrun) ends without the interpreter's
+    finalization: torch keeps a gloo group that DistributedDataParallel used alive to the end
+    (``destroy_process_group`` does not stop its worker threads), and a worker that releases a
+    collective's tensors while the interpreter finalizes aborts the process ("terminate called
+    without an active exception", exit -6) after a run that succeeded."""
+    status = main()
+    from .experiments import world
+
+    if world.joined_a_group:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

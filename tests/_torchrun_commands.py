@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -97,7 +98,9 @@ def main(spec_path: str) -> int:
     rank = dist.get_rank()
     results = []
     try:
-        for command in spec:
+        for i, command in enumerate(spec):
+            # to the launch's own stderr, so that a rank that dies names the command it was in
+            print(f"rank {rank}: command {i + 1} of {len(spec)}", file=sys.__stderr__, flush=True)
             err = io.StringIO()
             with patched(command.get("patch"), rank, command.get("rank", 0), command.get("call", 0)), \
                     contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -111,4 +114,8 @@ def main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    # as hnca_kernels.cli.entry: no interpreter finalization after a process group (see there)
+    status = main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

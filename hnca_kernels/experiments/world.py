@@ -37,6 +37,9 @@ from .rundir import CommandError, RunDir, UsageError, one_line
 # others anyway); loaded machines and the first NCCL calls are slow, so it is generous.
 _TIMEOUT = datetime.timedelta(minutes=30)
 
+# Whether this process has run in a process group (see hnca_kernels.cli.entry).
+joined_a_group = False
+
 
 class World:
     """This process's place among the run's processes; ``World()`` is a run of one process."""
@@ -70,6 +73,8 @@ class World:
             world._owns_group = True
         elif dist.get_world_size() != size or dist.get_rank() != rank:
             raise CommandError("the process group does not match torchrun's RANK and WORLD_SIZE")
+        global joined_a_group
+        joined_a_group = True
         try:
             yield world
         finally:
