@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import warnings
 
@@ -73,22 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``hnca`` console script and ``python -m hnca_kernels``: ``main()``, then exit with its status.
+    """The ``hnca`` console script and ``python -m hnca_kernels``: ``main()``, then exit with its
+    status (``world.exit_process``: under torchrun, without the interpreter's finalization)."""
+    from .experiments.world import exit_process
 
-    A process that ran in a process group (under torchrun) ends without the interpreter's
-    finalization: torch keeps a gloo group that DistributedDataParallel used alive to the end
-    (``destroy_process_group`` does not stop its worker threads), and a worker that releases a
-    collective's tensors while the interpreter finalizes aborts the process ("terminate called
-    without an active exception", exit -6) after a run that succeeded."""
-    status = main()
-    from .experiments import world
-
-    if world.joined_a_group:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
-
+    exit_process(main())
 
 if __name__ == "__main__":
     entry()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -114,8 +113,6 @@ def main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    # as hnca_kernels.cli.entry: no interpreter finalization after a process group (see there)
-    status = main(sys.argv[1])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    from hnca_kernels.experiments.world import exit_process
+
+    exit_process(main(sys.argv[1]))  # as the hnca command exits (the commands joined the group)

@@ -24,7 +24,8 @@ import contextlib
 import datetime
 import inspect
 import os
-from typing import Any, Iterator
+import sys
+from typing import Any, Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -37,8 +38,23 @@ from .rundir import CommandError, RunDir, UsageError, one_line
 # others anyway); loaded machines and the first NCCL calls are slow, so it is generous.
 _TIMEOUT = datetime.timedelta(minutes=30)
 
-# Whether this process has run in a process group (see hnca_kernels.cli.entry).
+# Whether this process has run in a process group (see exit_process).
 joined_a_group = False
+
+
+def exit_process(status: int) -> NoReturn:
+    """Exit with ``status``; a process that ran in a process group exits without the interpreter's
+    finalization.
+
+    torch keeps a gloo group that DistributedDataParallel used alive to the end
+    (``destroy_process_group`` does not stop its worker threads), and a worker that releases a
+    collective's tensors while the interpreter finalizes aborts the process ("terminate called
+    without an active exception", exit -6) after a run that succeeded."""
+    if joined_a_group:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 class World:
