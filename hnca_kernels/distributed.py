@@ -16,6 +16,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+if dist.is_available():
+    # torch.distributed.nn.functional binds `group=group.WORLD` as its collectives' default
+    # argument when it is first imported. DDP's first construction imports it (through
+    # torch._dynamo); after init_process_group that default keeps the gloo group alive past
+    # destroy_process_group, and its threads then abort the process as the interpreter exits
+    # ("terminate called without an active exception"). Imported here, before a process group
+    # exists, the default is None and destroy_process_group releases the group.
+    import torch.distributed.nn.functional  # noqa: F401
+
 __all__ = ["seed", "rank_seed", "current_rank"]
 
 

@@ -146,9 +146,16 @@ def _draws():
     return torch.rand(4, dtype=DT), np.random.rand(3), random.random()
 
 
+def _threads():
+    """This process's threads by name (Linux), or None."""
+    tasks = Path("/proc/self/task")
+    return sorted((t / "comm").read_text().strip() for t in tasks.iterdir()) if tasks.is_dir() else None
+
+
 def _worker(rank, world, tmp):
     torch.set_num_threads(1)
     tmp = Path(tmp)
+    threads_before = _threads()
     dist.init_process_group("gloo", init_method=f"file://{tmp / 'store'}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
@@ -181,6 +188,7 @@ def _worker(rank, world, tmp):
         torch.save(out, tmp / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    torch.save({"before": threads_before, "after": _threads()}, tmp / f"threads{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +217,10 @@ def ranks(tmp_path_factory):
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the {WORLD} ranks did not finish in {SPAWN_TIMEOUT_S} s")
-    return cases, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r in range(WORLD):
+        results[r]["threads"] = torch.load(tmp / f"threads{r}.pt")
+    return cases, results
 
 
 def _same(a, b):
@@ -304,6 +315,18 @@ def test_seed_gives_each_rank_its_own_stream_and_the_same_on_a_rerun(ranks):
     assert not torch.equal(results[0]["init_before_ddp"], results[1]["init_before_ddp"])
     for result in results:
         torch.testing.assert_close(result["init_after_ddp"], results[0]["init_before_ddp"], rtol=0, atol=0)
+
+
+def test_destroy_process_group_releases_the_group_after_ddp(ranks):
+    """DDP's first construction imports torch.distributed.nn.functional, whose default arguments
+    would hold the default group past destroy_process_group; its gloo threads then abort the
+    process as the interpreter exits. hnca_kernels imports it before any group exists."""
+    _, results = ranks
+    for r in range(WORLD):
+        threads = results[r]["threads"]
+        if threads["before"] is None:
+            pytest.skip("no /proc/self/task to count threads in")
+        assert threads["after"] == threads["before"], f"rank {r}: threads {threads}"
 
 
 def test_seed_reads_the_rank_from_torchrun_before_the_process_group(monkeypatch):
