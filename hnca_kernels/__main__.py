@@ -1,6 +1,6 @@
 """``python -m hnca_kernels ...`` is the ``hnca`` command."""
 
-from .cli import entry
+from .cli import main
 
 if __name__ == "__main__":
-    entry()
+    raise SystemExit(main())

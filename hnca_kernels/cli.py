@@ -71,12 +71,5 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = previous
 
 
-def entry() -> None:
-    """The ``hnca`` console script and ``python -m hnca_kernels``: ``main()``, then exit with its
-    status (``world.exit_process``: under torchrun, without the interpreter's finalization)."""
-    from .experiments.world import exit_process
-
-    exit_process(main())
-
 if __name__ == "__main__":
-    entry()
+    raise SystemExit(main())

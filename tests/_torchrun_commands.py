@@ -112,7 +112,19 @@ def main(spec_path: str) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from hnca_kernels.experiments.world import exit_process
+def gloo_threads() -> list:
+    """This process's gloo threads (Linux; else none seen): none are left once the group is freed."""
+    tasks = Path("/proc/self/task")
+    names = (t / "comm" for t in tasks.iterdir()) if tasks.is_dir() else ()
+    return [name.read_text().strip() for name in names if "gloo" in name.read_text()]
 
-    exit_process(main(sys.argv[1]))  # as the hnca command exits (the commands joined the group)
+
+if __name__ == "__main__":
+    status = main(sys.argv[1])
+    # the commands' DDP and models are freed with them: a group still held here would stop its
+    # threads as the interpreter exits, which can abort a run that succeeded (hnca_kernels.distributed)
+    left = gloo_threads()
+    if left:
+        print(f"_torchrun_commands: the process group outlived the commands ({len(left)} gloo threads)", file=sys.stderr)
+        status = status or 3
+    sys.exit(status)

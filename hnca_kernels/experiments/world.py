@@ -24,8 +24,7 @@ import contextlib
 import datetime
 import inspect
 import os
-import sys
-from typing import Any, Iterator, NoReturn
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,25 +36,6 @@ from .rundir import CommandError, RunDir, UsageError, one_line
 # A collective that waits this long means another rank died or hangs (torchrun then stops the
 # others anyway); loaded machines and the first NCCL calls are slow, so it is generous.
 _TIMEOUT = datetime.timedelta(minutes=30)
-
-# Whether this process has run in a process group (see exit_process).
-joined_a_group = False
-
-
-def exit_process(status: int) -> NoReturn:
-    """Exit with ``status``; a process that ran in a process group exits without the interpreter's
-    finalization.
-
-    torch keeps a gloo group that DistributedDataParallel used alive to the end
-    (``destroy_process_group`` does not stop its worker threads), and a worker that releases a
-    collective's tensors while the interpreter finalizes aborts the process ("terminate called
-    without an active exception", exit -6) after a run that succeeded."""
-    if joined_a_group:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
-
 
 class World:
     """This process's place among the run's processes; ``World()`` is a run of one process."""
@@ -89,8 +69,6 @@ class World:
             world._owns_group = True
         elif dist.get_world_size() != size or dist.get_rank() != rank:
             raise CommandError("the process group does not match torchrun's RANK and WORLD_SIZE")
-        global joined_a_group
-        joined_a_group = True
         try:
             yield world
         finally:
