@@ -19,10 +19,10 @@
 // bounds alone pass a range ("wide") is summed per term in the log domain: -logaddexp(log u,
 // log v + log A), exact for any weight.
 //
-// Layout: the tables are stored block by block, [block of 64 parents][child][+/-][parent], so a
+// Layout: the tables are stored block by block, [block of parents][child][+, xor, -][parent], so a
 // block's rows are contiguous (rows of a power-of-two stride fell into a few cache sets: about
 // 2x slower at in = 1024). A task is one block of parents x 32 examples; it walks tiles of at most
-// 32 children (16 KiB of tables, held in L1), and for each tile every pair of examples runs the
+// kMaxChunk children (24 KiB of tables, held in L1), and for each tile every pair of examples runs the
 // loop over the tile's children with its 2 x 4 accumulators in registers.
 
 #include <ATen/ATen.h>
@@ -57,10 +57,20 @@ using at::vec::Vectorized;
 #endif
 constexpr int kRows = HNCA_ROWS;
 constexpr int kVecs = HNCA_VECS;
-// Bernoulli: examples per task sharing each chunk's tables in L1, and the longest chunk (its
-// tables, 32 children x 2 x 4 vectors, are 16 KiB in float32)
+// Bernoulli: examples per task sharing each chunk's tables in L1, and the longest chunk, whose
+// tables (children x 3 rows x 4 vectors) are 24 KiB in float32 with either instruction set: 32
+// children with AVX-512, 64 with AVX2, where the chunks' ends (a log1p per example and parent)
+// took a fifth of the message (64 with AVX-512, 48 KiB, measured slower: benchmarks/RESULTS.md).
+// HNCA_MAX_CHUNK overrides it for a build.
 constexpr int64_t kRowsPerTask = 32;
-constexpr int64_t kMaxChunk = 32;
+#ifndef HNCA_MAX_CHUNK
+#ifdef CPU_CAPABILITY_AVX512
+#define HNCA_MAX_CHUNK 32
+#else
+#define HNCA_MAX_CHUNK 64
+#endif
+#endif
+constexpr int64_t kMaxChunk = HNCA_MAX_CHUNK;
 // A chunk's product may grow to e^kGrowthRange (float32 overflows past e^88; see log1p_inline).
 constexpr double kGrowthRange = 64.0;
 static_assert(kRowsPerTask % kRows == 0, "a task's pairs of rows must be the pairs that share a plan of chunks");
@@ -333,15 +343,19 @@ void expm1_both(const T* c, int64_t n, T* plus, T* minus) {
   }
 }
 
-// The tables [2, blocks, out, 2, block]: for each child and block of parents, expm1(+c) and
-// expm1(-c), then (a second table of the same layout, table_size(...) further) +c and -c, with
-// c = w*W[j, i]; 0 past the last parent (a factor of 1, a term of 0). A narrow chunk reads the
-// expm1 rows, a wide child and the entropy's rational term the c rows; without `with_c` (a
-// Bernoulli message without wide children) the second table is left out.
+// The tables [2, blocks, out, 3, block]: for each child and block of parents, expm1(+c), the
+// bits of expm1(+c) xor those of expm1(-c), and expm1(-c), then (a second table of the same
+// layout, table_size(...) further) +c, the bits of c xor -c, and -c, with c = w*W[j, i]; 0 past
+// the last parent (a factor of 1, a term of 0). A narrow chunk reads the expm1 rows, a wide child
+// and the entropy's rational term the c rows; without `with_c` (a Bernoulli message without wide
+// children) the second table is left out. The xor row picks a lane's row by two bitwise
+// operations (see pick), which any vector port runs: a blend shares the FMA ports with the
+// message's two multiply-adds.
 // NOTE: with the c rows beside the expm1 rows (a 1 KiB record per child) the Bernoulli message
 // at B=256, in = out = 1024 measured 8% slower (1 thread, interleaved with this layout).
+constexpr int64_t kRecord = 3;  // blocks of a child's record: +, xor, -
 inline int64_t table_size(int64_t in, int64_t out, int64_t block) {
-  return (in + block - 1) / block * out * 2 * block;
+  return (in + block - 1) / block * out * kRecord * block;
 }
 
 template <typename T>
@@ -349,22 +363,24 @@ at::Tensor message_tables(const at::Tensor& weight, T w, int64_t block, bool wit
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   const int64_t out = weight.size(0), in = weight.size(1), blocks = (in + block - 1) / block;
-  auto tables = at::empty({with_c ? 2 : 1, blocks, out, 2, block}, weight.options());
+  auto tables = at::empty({with_c ? 2 : 1, blocks, out, kRecord, block}, weight.options());
   const T* wp = weight.data_ptr<T>();
   T* tp = tables.data_ptr<T>();
   const int64_t c_rows = table_size(in, out, block);
   at::parallel_for(0, out, std::max<int64_t>(1, kTermsPerThread / 16 / (blocks * block)), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       for (int64_t i = 0; i < blocks * block; i += L) {
-        T* dst = tp + ((i / block) * out + j) * 2 * block + i % block;
+        T* dst = tp + ((i / block) * out + j) * kRecord * block + i % block;
         // lanes past the last parent load 0: every row is 0 there
         const Vec c = Vec::loadu(wp + j * in + i, std::clamp<int64_t>(in - i, 0, L)) * Vec(w);
         const Expm1Pair<T> e = expm1_pair(c);
         e.plus.store(dst);
-        e.minus.store(dst + block);
+        (e.plus ^ e.minus).store(dst + block);
+        e.minus.store(dst + 2 * block);
         if (with_c) {
           c.store(dst + c_rows);
-          c.neg().store(dst + c_rows + block);
+          (c ^ c.neg()).store(dst + c_rows + block);
+          c.neg().store(dst + c_rows + 2 * block);
         }
       }
     }
@@ -375,24 +391,29 @@ at::Tensor message_tables(const at::Tensor& weight, T w, int64_t block, bool wit
 // Child j's expm1 rows in one block of the tables for a term of sign s (s = +1 where the
 // Bernoulli child fired, or where the entropy's child logit is positive): A - 1 = expm1(c~) with
 // c~ = -s*Delta*W[j, i], Delta = +w from lo and -w from hi; c~ itself is table_size(...)
-// further. `at_hi` serves parents at hi, `at_lo` parents at lo (arithmetic, not a branch: s is
-// random).
+// further. `at_lo` serves parents at lo, and its bits xor `flip`'s those at hi (arithmetic, not a
+// branch: s is random).
 template <typename T>
 struct ChildRows {
-  const T* at_hi;
   const T* at_lo;
+  const T* flip;
+
+  // the row's vector at `offset` for parents at hi where `is_hi`, at lo elsewhere
+  Vectorized<T> pick(int64_t offset, const Vectorized<T>& is_hi) const {
+    return Vectorized<T>::loadu(at_lo + offset) ^ (Vectorized<T>::loadu(flip + offset) & is_hi);
+  }
 };
 
 template <typename T>
 ChildRows<T> child_rows(const T* block_tables, int64_t j, bool positive, int64_t block) {
-  const T* row = block_tables + j * 2 * block;
-  return {row + (1 - int64_t(positive)) * block, row + int64_t(positive) * block};
+  const T* row = block_tables + j * kRecord * block;
+  return {row + int64_t(positive) * 2 * block, row + block};
 }
 
 template <typename T>
 struct BernoulliArgs {
   const T* x;          // [B, in]
-  const T* tables;     // [2, blocks, out, 2, block] (message_tables)
+  const T* tables;     // [2, blocks, out, kRecord, block] (message_tables)
   int64_t c_rows;      // offset of the c rows: table_size(in, out, block)
   const T* y;          // [B, out] child j fired where y > 0 (s = +1, else -1)
   const T* v;          // [B, out] sigmoid(-s*l)
@@ -447,12 +468,12 @@ struct FactorBounds {
 };
 
 // Whether the chunks by the weights' bounds alone are cut short (a wide child, or more than two
-// chunks a tile: a trained model's weights), so that chunks by each example's bounds, after
-// scoring the unlikely children by their other outcome, pay for their planning.
+// chunks every 32 children: a trained model's weights), so that chunks by each example's bounds,
+// after scoring the unlikely children by their other outcome, pay for their planning. (Initial
+// weights of 200 parents give chunks of about 28 children, not cut short.)
 inline bool cut_short(const std::vector<Chunk>& by_weights, int64_t out) {
-  const int64_t tiles = (out + kMaxChunk - 1) / kMaxChunk;
   return std::any_of(by_weights.begin(), by_weights.end(), [](const Chunk& c) { return c.wide; }) ||
-         static_cast<int64_t>(by_weights.size()) > 2 * tiles;
+         static_cast<int64_t>(by_weights.size()) > 2 * ((out + 31) / 32);
 }
 
 // v = sigma(-s*z) of a child with logit z (or base) and outcome s (+1 where `fired`, a mask).
@@ -498,7 +519,7 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
       sum[r][k] = Vec(T(0));
     }
   }
-  const T* tables = p.tables + (i0 / block) * p.out * 2 * block;
+  const T* tables = p.tables + (i0 / block) * p.out * kRecord * block;
   if (chunk.wide) {
     // log(u + v*A) = logaddexp(log u, log v + log A), log A = c~
     for (int r = 0; r < ROWS; ++r) {
@@ -506,8 +527,7 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
       const ChildRows<T> rows = child_rows(tables, j0, p.y[bj] > 0, block);
       const Vec lu(p.log_u[bj]), lv(p.log_v[bj]);
       for (int k = 0; k < NV; ++k) {
-        const Vec log_a = Vec::blendv(Vec::loadu(rows.at_lo + p.c_rows + k * L),
-                                      Vec::loadu(rows.at_hi + p.c_rows + k * L), is_hi[r][k]);
+        const Vec log_a = rows.pick(p.c_rows + k * L, is_hi[r][k]);
         const Vec other = lv + log_a;
         sum[r][k] = at::vec::maximum(lu, other) + log1p_inline((lu - other).abs().neg().exp());
       }
@@ -520,7 +540,7 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
         const Vec v(p.v[bj]);
         for (int k = 0; k < NV; ++k) {
           // q <- q + delta*(1 + q) with delta = v*(A - 1); sum holds q until the chunk ends
-          const Vec a_m1 = Vec::blendv(Vec::loadu(rows.at_lo + k * L), Vec::loadu(rows.at_hi + k * L), is_hi[r][k]);
+          const Vec a_m1 = rows.pick(k * L, is_hi[r][k]);
           sum[r][k] = at::vec::fmadd(a_m1, at::vec::fmadd(v, sum[r][k], v), sum[r][k]);
         }
       }
@@ -841,7 +861,7 @@ Vectorized<float> reciprocal(const Vectorized<float>& x) {
 template <typename T>
 struct EntropyArgs {
   const T* x;          // [B, in]
-  const T* tables;     // [2, blocks, out, 2, block] (message_tables)
+  const T* tables;     // [2, blocks, out, kRecord, block] (message_tables)
   int64_t c_rows;      // offset of the c rows: table_size(in, out, block)
   const T* logits;     // [B, out] l (s = +1 where l > 0)
   const T* u;          // [B, out] sigmoid(-|l|)
@@ -869,15 +889,14 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
       rational[r][k] = Vec(T(0));
     }
   }
-  const T* tables = p.tables + (i0 / block) * p.out * 2 * block;
+  const T* tables = p.tables + (i0 / block) * p.out * kRecord * block;
   if (chunk.wide) {
     for (int r = 0; r < ROWS; ++r) {
       const int64_t bj = (b0 + r) * p.out + j0;
       const ChildRows<T> rows = child_rows(tables, j0, p.logits[bj] > 0, block);
       const Vec neg_abs_l(-std::abs(p.logits[bj])), h(p.h[bj]);
       for (int k = 0; k < NV; ++k) {
-        const Vec c = Vec::blendv(Vec::loadu(rows.at_lo + p.c_rows + k * L),
-                                  Vec::loadu(rows.at_hi + p.c_rows + k * L), is_hi[r][k]);
+        const Vec c = rows.pick(p.c_rows + k * L, is_hi[r][k]);
         q[r][k] = entropy(neg_abs_l + c) - h;  // the change itself
       }
     }
@@ -888,9 +907,8 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
         const ChildRows<T> rows = child_rows(tables, j, p.logits[bj] > 0, block);
         const Vec u(p.u[bj]), kappa(p.kappa[bj]);
         for (int k = 0; k < NV; ++k) {
-          const Vec a_m1 = Vec::blendv(Vec::loadu(rows.at_lo + k * L), Vec::loadu(rows.at_hi + k * L), is_hi[r][k]);
-          const Vec c = Vec::blendv(Vec::loadu(rows.at_lo + p.c_rows + k * L),
-                                    Vec::loadu(rows.at_hi + p.c_rows + k * L), is_hi[r][k]);
+          const Vec a_m1 = rows.pick(k * L, is_hi[r][k]);
+          const Vec c = rows.pick(p.c_rows + k * L, is_hi[r][k]);
           const Vec delta = u * a_m1;
           q[r][k] = at::vec::fmadd(delta, q[r][k], q[r][k] + delta);  // q <- q + delta*(1 + q)
           const Vec numerator = at::vec::fmadd(delta, c + kappa, c * u);
