@@ -112,17 +112,11 @@ def main(spec_path: str) -> int:
     return 0
 
 
-def gloo_threads() -> list:
-    """This process's gloo threads (Linux; else none seen): none are left once the group is freed."""
-    tasks = Path("/proc/self/task")
-    names = (t / "comm" for t in tasks.iterdir()) if tasks.is_dir() else ()
-    return [name.read_text().strip() for name in names if "gloo" in name.read_text()]
-
-
 if __name__ == "__main__":
+    from _gloo import gloo_threads
+
     status = main(sys.argv[1])
-    # the commands' DDP and models are freed with them: a group still held here would stop its
-    # threads as the interpreter exits, which can abort a run that succeeded (hnca_kernels.distributed)
+    # the commands' DDP and models are freed with them, and the group with them
     left = gloo_threads()
     if left:
         print(f"_torchrun_commands: the process group outlived the commands ({len(left)} gloo threads)", file=sys.stderr)
