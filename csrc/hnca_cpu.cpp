@@ -29,6 +29,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include "hnca_common.h"
@@ -315,8 +316,28 @@ Vectorized<T> log_sigmoid(const Vectorized<T>& z) {
   return at::vec::minimum(z, Vectorized<T>(T(0))) - log1p_inline(z.abs().neg().exp());
 }
 
-// expm1(+c) and expm1(-c) by one expm1: with e = expm1(|c|), expm1(-|c|) = -e / (1 + e) (-1 where
-// e overflows).
+// 1 / x for x in [1/2, 2^25] (a chunk's factor, 1 + e of a table): float32 takes the hardware estimate and one Newton step (~1 ulp).
+template <typename T>
+Vectorized<T> reciprocal(const Vectorized<T>& x) {
+  return x.reciprocal();
+}
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+template <>
+Vectorized<float> reciprocal(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec r(_mm512_rcp14_ps(x));  // relative error < 2^-14
+#else
+  const Vec r(_mm256_rcp_ps(x));  // relative error < 1.5 * 2^-12
+#endif
+  return at::vec::fmadd(r, at::vec::fnmadd(x, r, Vec(1.f)), r);
+}
+#endif
+
+// expm1(+c) and expm1(-c) by one expm1: with e = expm1(|c|), expm1(-|c|) = -e / (1 + e), or -1
+// where e passes 2^25 (float32; 2^54 for float64) and the quotient rounds to -1. A reciprocal, not
+// a division: the division was a third of the tables' time (AVX2, 200 x 200).
 template <typename T>
 struct Expm1Pair {
   Vectorized<T> plus, minus;
@@ -326,7 +347,8 @@ template <typename T>
 inline Expm1Pair<T> expm1_pair(const Vectorized<T>& c) {
   using Vec = Vectorized<T>;
   const Vec e = expm1_nonnegative(c.abs());
-  const Vec e_inv = Vec::blendv(e.neg() / (Vec(T(1)) + e), Vec(T(-1)), e == Vec(std::numeric_limits<T>::infinity()));
+  const Vec huge(T(4) / std::numeric_limits<T>::epsilon());
+  const Vec e_inv = Vec::blendv(e.neg() * reciprocal(Vec(T(1)) + e), Vec(T(-1)), e > huge);
   const Vec negative = c < Vec(T(0));
   return {Vec::blendv(e, e_inv, negative), Vec::blendv(e_inv, e, negative)};
 }
@@ -343,17 +365,24 @@ void expm1_both(const T* c, int64_t n, T* plus, T* minus) {
   }
 }
 
-// The tables [2, blocks, out, 3, block]: for each child and block of parents, expm1(+c), the
-// bits of expm1(+c) xor those of expm1(-c), and expm1(-c), then (a second table of the same
-// layout, table_size(...) further) +c, the bits of c xor -c, and -c, with c = w*W[j, i]; 0 past
-// the last parent (a factor of 1, a term of 0). A narrow chunk reads the expm1 rows, a wide child
-// and the entropy's rational term the c rows; without `with_c` (a Bernoulli message without wide
-// children) the second table is left out. The xor row picks a lane's row by two bitwise
-// operations (see pick), which any vector port runs: a blend shares the FMA ports with the
-// message's two multiply-adds.
+// The tables [2, blocks, out, kRecord, block]: for each child and block of parents, expm1(+c), the
+// bits of expm1(+c) xor those of expm1(-c), and (three rows) expm1(-c), then (a second table of the
+// same layout, table_size(...) further) +c, the bits of c xor -c, and (three rows) -c, with
+// c = w*W[j, i]; 0 past the last parent (a factor of 1, a term of 0). A narrow chunk reads the
+// expm1 rows, a wide child and the entropy's rational term the c rows; without `with_c` (a
+// Bernoulli message without wide children) the second table is left out. The xor row picks a
+// lane's row by bitwise operations (see pick), which any vector port runs: a blend shares the
+// FMA ports with the message's two multiply-adds.
+// With AVX2 a record is two rows (+, xor: a tile of 64 children is 16 KiB, within a 32 KiB L1
+// beside the rest of a task's data) and a lane's row costs three bitwise operations; with
+// AVX-512 (48 KiB L1 on AMD Zen 4 and 5) it is three rows (+, xor, -) and two operations.
 // NOTE: with the c rows beside the expm1 rows (a 1 KiB record per child) the Bernoulli message
 // at B=256, in = out = 1024 measured 8% slower (1 thread, interleaved with this layout).
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t kRecord = 2;  // blocks of a child's record: +, xor
+#else
 constexpr int64_t kRecord = 3;  // blocks of a child's record: +, xor, -
+#endif
 inline int64_t table_size(int64_t in, int64_t out, int64_t block) {
   return (in + block - 1) / block * out * kRecord * block;
 }
@@ -376,11 +405,11 @@ at::Tensor message_tables(const at::Tensor& weight, T w, int64_t block, bool wit
         const Expm1Pair<T> e = expm1_pair(c);
         e.plus.store(dst);
         (e.plus ^ e.minus).store(dst + block);
-        e.minus.store(dst + 2 * block);
+        if (kRecord == 3) e.minus.store(dst + 2 * block);
         if (with_c) {
           c.store(dst + c_rows);
           (c ^ c.neg()).store(dst + c_rows + block);
-          c.neg().store(dst + c_rows + 2 * block);
+          if (kRecord == 3) c.neg().store(dst + c_rows + 2 * block);
         }
       }
     }
@@ -388,11 +417,40 @@ at::Tensor message_tables(const at::Tensor& weight, T w, int64_t block, bool wit
   return tables;
 }
 
+// A lane's or scalar's bits as a signed integer.
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+
+// All bits set where `b`, else 0 (a mask, as a value of T).
+template <typename T>
+T mask_of(bool b) {
+  return c10::bit_cast<T>(Bits<T>(-Bits<T>(b)));
+}
+
 // Child j's expm1 rows in one block of the tables for a term of sign s (s = +1 where the
 // Bernoulli child fired, or where the entropy's child logit is positive): A - 1 = expm1(c~) with
 // c~ = -s*Delta*W[j, i], Delta = +w from lo and -w from hi; c~ itself is table_size(...)
-// further. `at_lo` serves parents at lo, and its bits xor `flip`'s those at hi (arithmetic, not a
-// branch: s is random).
+// further; `positive` is mask_of(s = +1). A lane reads the + row where s*Delta < 0 and the - row elsewhere, the latter as the
+// + row's bits xor the xor row's (arithmetic, not a branch: s is random).
+#if defined(CPU_CAPABILITY_AVX2)
+template <typename T>
+struct ChildRows {
+  const T* plus;
+  const T* flip;
+  Vectorized<T> positive;  // all bits set where s = +1 (mask_of)
+
+  // the row's vector at `offset` for parents at hi where `is_hi`, at lo elsewhere
+  Vectorized<T> pick(int64_t offset, const Vectorized<T>& is_hi) const {
+    return Vectorized<T>::loadu(plus + offset) ^ (Vectorized<T>::loadu(flip + offset) & (is_hi ^ positive));
+  }
+};
+
+template <typename T>
+ChildRows<T> child_rows(const T* block_tables, int64_t j, T positive, int64_t block) {
+  const T* row = block_tables + j * kRecord * block;
+  return {row, row + block, Vectorized<T>(positive)};
+}
+#else
 template <typename T>
 struct ChildRows {
   const T* at_lo;
@@ -405,9 +463,18 @@ struct ChildRows {
 };
 
 template <typename T>
-ChildRows<T> child_rows(const T* block_tables, int64_t j, bool positive, int64_t block) {
+ChildRows<T> child_rows(const T* block_tables, int64_t j, T positive, int64_t block) {
   const T* row = block_tables + j * kRecord * block;
-  return {row + int64_t(positive) * 2 * block, row + block};
+  return {row + (c10::bit_cast<Bits<T>>(positive) & (2 * block)), row + block};
+}
+#endif
+
+// The two per-(example, child) values of the Bernoulli message's loop, stored by pairs of rows:
+// row b's for child j at pair_offset(b, out) + 2 * j * kRows and kRows further. A pair reads one
+// cache line per 4 or 8 children, where rows of a power-of-two length (out = 1024) put every row's
+// value for child j in one L1 set (4 KiB apart), evicting the tables held there.
+inline int64_t pair_offset(int64_t b, int64_t out) {
+  return (b / kRows * out * kRows) * 2 + b % kRows;
 }
 
 template <typename T>
@@ -415,8 +482,8 @@ struct BernoulliArgs {
   const T* x;          // [B, in]
   const T* tables;     // [2, blocks, out, kRecord, block] (message_tables)
   int64_t c_rows;      // offset of the c rows: table_size(in, out, block)
-  const T* y;          // [B, out] child j fired where y > 0 (s = +1, else -1)
-  const T* v;          // [B, out] sigmoid(-s*l)
+  const T* y;          // [B, out] child j fired where y > 0 (s = +1, else -1) (wide children only)
+  const T* by_pairs;   // sigmoid(-s*l) and mask_of(s = +1), by pairs of rows (pair_offset)
   const T* log_u;      // [B, out] log sigmoid(s*l) (wide children only)
   const T* log_v;      // [B, out] log sigmoid(-s*l) (wide children only)
   const std::vector<Chunk>* plans;  // example b's chunks: plans[b / examples_per_plan]
@@ -524,7 +591,7 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
     // log(u + v*A) = logaddexp(log u, log v + log A), log A = c~
     for (int r = 0; r < ROWS; ++r) {
       const int64_t bj = (b0 + r) * p.out + j0;
-      const ChildRows<T> rows = child_rows(tables, j0, p.y[bj] > 0, block);
+      const ChildRows<T> rows = child_rows(tables, j0, mask_of<T>(p.y[bj] > 0), block);
       const Vec lu(p.log_u[bj]), lv(p.log_v[bj]);
       for (int k = 0; k < NV; ++k) {
         const Vec log_a = rows.pick(p.c_rows + k * L, is_hi[r][k]);
@@ -533,11 +600,13 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
       }
     }
   } else {
+    const T* by_pairs[ROWS];
+    for (int r = 0; r < ROWS; ++r) by_pairs[r] = p.by_pairs + pair_offset(b0 + r, p.out);
     for (int64_t j = j0; j < chunk.end; ++j) {
       for (int r = 0; r < ROWS; ++r) {
-        const int64_t bj = (b0 + r) * p.out + j;
-        const ChildRows<T> rows = child_rows(tables, j, p.y[bj] > 0, block);
-        const Vec v(p.v[bj]);
+        const T* at = by_pairs[r] + 2 * j * kRows;
+        const ChildRows<T> rows = child_rows(tables, j, at[kRows], block);
+        const Vec v(at[0]);
         for (int k = 0; k < NV; ++k) {
           // q <- q + delta*(1 + q) with delta = v*(A - 1); sum holds q until the chunk ends
           const Vec a_m1 = rows.pick(k * L, is_hi[r][k]);
@@ -654,6 +723,8 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
     const T *lp = logits.data_ptr<T>(), *yp = y_.data_ptr<T>();
     T *vp = v.data_ptr<T>(), *sp = scored.data_ptr<T>(), *fp = per_pair ? flip.data_ptr<T>() : nullptr;
     const int64_t groups = (batch + kRows - 1) / kRows;
+    auto by_pairs = at::empty({groups * kRows * out * 2}, logits.options());
+    T* pp = by_pairs.data_ptr<T>();
     if (per_pair) plans.resize(groups);
     at::parallel_for(0, groups, std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, kRows * out)),
                      [&](int64_t begin, int64_t end) {
@@ -684,6 +755,13 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
           }
         }
         if (per_pair) plans[g] = plan_chunks(down, up);
+        for (int64_t b = g * kRows; b < std::min(batch, (g + 1) * kRows); ++b) {
+          T* at = pp + pair_offset(b, out);
+          for (int64_t j = 0; j < out; ++j, at += 2 * kRows) {
+            at[0] = vp[b * out + j];
+            at[kRows] = mask_of<T>(sp[b * out + j] > 0);
+          }
+        }
       }
     });
     const bool any_wide = std::any_of(plans.begin(), plans.end(), [](const std::vector<Chunk>& plan) {
@@ -708,7 +786,7 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
     }
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
     const BernoulliArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), table_size(in, out, block), sp,
-                             vp, ptr(log_u), ptr(log_v), plans.data(), per_pair ? kRows : batch, in, out, T(hi),
+                             pp, ptr(log_u), ptr(log_v), plans.data(), per_pair ? kRows : batch, in, out, T(hi),
                              d.data_ptr<T>()};
     for_each_tile(batch, in, block, kRowsPerTask, kRowsPerTask * block * out, [&](int64_t b0, int64_t rows, int64_t i0) {
       message_task(p, b0, rows, i0);
@@ -839,25 +917,6 @@ Vectorized<T> entropy(const Vectorized<T>& z) {
   return log1p_inline(t) + m * t / (Vec(T(1)) + t);
 }
 
-// 1 / x for x in [1/2, e^4]: float32 takes the hardware estimate and one Newton step (~1 ulp).
-template <typename T>
-Vectorized<T> reciprocal(const Vectorized<T>& x) {
-  return x.reciprocal();
-}
-
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-template <>
-Vectorized<float> reciprocal(const Vectorized<float>& x) {
-  using Vec = Vectorized<float>;
-#if defined(CPU_CAPABILITY_AVX512)
-  const Vec r(_mm512_rcp14_ps(x));  // relative error < 2^-14
-#else
-  const Vec r(_mm256_rcp_ps(x));  // relative error < 1.5 * 2^-12
-#endif
-  return at::vec::fmadd(r, at::vec::fnmadd(x, r, Vec(1.f)), r);
-}
-#endif
-
 template <typename T>
 struct EntropyArgs {
   const T* x;          // [B, in]
@@ -893,7 +952,7 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
   if (chunk.wide) {
     for (int r = 0; r < ROWS; ++r) {
       const int64_t bj = (b0 + r) * p.out + j0;
-      const ChildRows<T> rows = child_rows(tables, j0, p.logits[bj] > 0, block);
+      const ChildRows<T> rows = child_rows(tables, j0, mask_of<T>(p.logits[bj] > 0), block);
       const Vec neg_abs_l(-std::abs(p.logits[bj])), h(p.h[bj]);
       for (int k = 0; k < NV; ++k) {
         const Vec c = rows.pick(p.c_rows + k * L, is_hi[r][k]);
@@ -904,7 +963,7 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
     for (int64_t j = j0; j < chunk.end; ++j) {
       for (int r = 0; r < ROWS; ++r) {
         const int64_t bj = (b0 + r) * p.out + j;
-        const ChildRows<T> rows = child_rows(tables, j, p.logits[bj] > 0, block);
+        const ChildRows<T> rows = child_rows(tables, j, mask_of<T>(p.logits[bj] > 0), block);
         const Vec u(p.u[bj]), kappa(p.kappa[bj]);
         for (int k = 0; k < NV; ++k) {
           const Vec a_m1 = rows.pick(k * L, is_hi[r][k]);
