@@ -103,13 +103,13 @@ def main(argv=None) -> int:
     for (model, estimator), t in times.items():
         if model == "chain":
             continue
+        notes = []
         if model == "record" and ("chain", estimator) in times:
-            note = f"{ratio((model, estimator), ('chain', estimator)):.3f}x the chain's " \
-                   f"({statistics.median(times[('chain', estimator)]) * 1e3:.2f} ms)"
-        elif model == "categorical" and estimator != "reinforce_loo":
-            note = f"{ratio((model, estimator), (model, 'reinforce_loo')):.3f}x LOO's"
-        else:
-            note = ""
+            notes.append(f"{ratio((model, estimator), ('chain', estimator)):.3f}x the chain's "
+                         f"({statistics.median(times[('chain', estimator)]) * 1e3:.2f} ms)")
+        if estimator != "reinforce_loo":
+            notes.append(f"{ratio((model, estimator), (model, 'reinforce_loo')):.3f}x LOO's")
+        note = "; ".join(notes)
         print(f"| {model} | {estimator} | {statistics.median(t) * 1e3:.2f} | {note} |")
     if args.json:
         names = {"record": f"bernoulli-L{args.layers}", "categorical": "cat20x10-L1"}

@@ -19,10 +19,11 @@
 // bounds alone pass a range ("wide") is summed per term in the log domain: -logaddexp(log u,
 // log v + log A), exact for any weight.
 //
-// Layout: the tables are stored block by block, [block of parents][child][+, xor, -][parent], so a
-// block's rows are contiguous (rows of a power-of-two stride fell into a few cache sets: about
-// 2x slower at in = 1024). A task is one block of parents x 32 examples; it walks tiles of at most
-// kMaxChunk children (24 KiB of tables, held in L1), and for each tile every pair of examples runs the
+// Layout: the tables are stored block by block, [block of parents][child][record][parent] with a
+// record of rows +, xor (and - with AVX-512), so a block's rows are contiguous (rows of a
+// power-of-two stride fell into a few cache sets: about 2x slower at in = 1024). A task is one
+// block of parents x 32 examples; it walks tiles of at most kMaxChunk children (16 KiB of tables
+// with AVX2, 24 KiB with AVX-512, held in L1), and for each tile every pair of examples runs the
 // loop over the tile's children with its 2 x 4 accumulators in registers.
 
 #include <ATen/ATen.h>
@@ -58,10 +59,10 @@ using at::vec::Vectorized;
 #endif
 constexpr int kRows = HNCA_ROWS;
 constexpr int kVecs = HNCA_VECS;
-// Bernoulli: examples per task sharing each chunk's tables in L1, and the longest chunk, whose
-// tables (children x 3 rows x 4 vectors) are 24 KiB in float32 with either instruction set: 32
-// children with AVX-512, 64 with AVX2, where the chunks' ends (a log1p per example and parent)
-// took a fifth of the message (64 with AVX-512, 48 KiB, measured slower: benchmarks/RESULTS.md).
+// Bernoulli: examples per task sharing each chunk's tables in L1, and the longest chunk: 32
+// children with AVX-512 (3 rows x 4 vectors each, 24 KiB in float32; 64, 48 KiB, measured slower),
+// 64 with AVX2 (2 rows x 4 vectors, 16 KiB of a 32 KiB L1), where the chunks' ends (a log1p per
+// example and parent) took a fifth of the message at 32 (benchmarks/RESULTS.md).
 // HNCA_MAX_CHUNK overrides it for a build.
 constexpr int64_t kRowsPerTask = 32;
 #ifndef HNCA_MAX_CHUNK
@@ -375,7 +376,7 @@ void expm1_both(const T* c, int64_t n, T* plus, T* minus) {
 // FMA ports with the message's two multiply-adds.
 // With AVX2 a record is two rows (+, xor: a tile of 64 children is 16 KiB, within a 32 KiB L1
 // beside the rest of a task's data) and a lane's row costs three bitwise operations; with
-// AVX-512 (48 KiB L1 on AMD Zen 4 and 5) it is three rows (+, xor, -) and two operations.
+// AVX-512 (measured on AMD Zen 5, 48 KiB of L1) it is three rows (+, xor, -) and two operations.
 // NOTE: with the c rows beside the expm1 rows (a 1 KiB record per child) the Bernoulli message
 // at B=256, in = out = 1024 measured 8% slower (1 thread, interleaved with this layout).
 #if defined(CPU_CAPABILITY_AVX2)
