@@ -317,7 +317,8 @@ Vectorized<T> log_sigmoid(const Vectorized<T>& z) {
   return at::vec::minimum(z, Vectorized<T>(T(0))) - log1p_inline(z.abs().neg().exp());
 }
 
-// 1 / x for x in [1/2, 2^25] (a chunk's factor, 1 + e of a table): float32 takes the hardware estimate and one Newton step (~1 ulp).
+// 1 / x for x in [1/2, 2^25] (a chunk's factor, 1 + e of a table): float32 takes the hardware
+// estimate and one Newton step (~1 ulp).
 template <typename T>
 Vectorized<T> reciprocal(const Vectorized<T>& x) {
   return x.reciprocal();
@@ -431,8 +432,9 @@ T mask_of(bool b) {
 // Child j's expm1 rows in one block of the tables for a term of sign s (s = +1 where the
 // Bernoulli child fired, or where the entropy's child logit is positive): A - 1 = expm1(c~) with
 // c~ = -s*Delta*W[j, i], Delta = +w from lo and -w from hi; c~ itself is table_size(...)
-// further; `positive` is mask_of(s = +1). A lane reads the + row where s*Delta < 0 and the - row elsewhere, the latter as the
-// + row's bits xor the xor row's (arithmetic, not a branch: s is random).
+// further; `positive` is mask_of(s = +1). A lane reads the + row where s*Delta < 0 and the - row
+// elsewhere, the latter as the + row's bits xor the xor row's (arithmetic, not a branch: s is
+// random).
 #if defined(CPU_CAPABILITY_AVX2)
 template <typename T>
 struct ChildRows {
