@@ -317,29 +317,8 @@ Vectorized<T> log_sigmoid(const Vectorized<T>& z) {
   return at::vec::minimum(z, Vectorized<T>(T(0))) - log1p_inline(z.abs().neg().exp());
 }
 
-// 1 / x for x in [1/2, 2^25] (a chunk's factor, 1 + e of a table): float32 takes the hardware
-// estimate and one Newton step (~1 ulp).
-template <typename T>
-Vectorized<T> reciprocal(const Vectorized<T>& x) {
-  return x.reciprocal();
-}
-
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-template <>
-Vectorized<float> reciprocal(const Vectorized<float>& x) {
-  using Vec = Vectorized<float>;
-#if defined(CPU_CAPABILITY_AVX512)
-  const Vec r(_mm512_rcp14_ps(x));  // relative error < 2^-14
-#else
-  const Vec r(_mm256_rcp_ps(x));  // relative error < 1.5 * 2^-12
-#endif
-  return at::vec::fmadd(r, at::vec::fnmadd(x, r, Vec(1.f)), r);
-}
-#endif
-
-// expm1(+c) and expm1(-c) by one expm1: with e = expm1(|c|), expm1(-|c|) = -e / (1 + e), or -1
-// where e passes 2^25 (float32; 2^54 for float64) and the quotient rounds to -1. A reciprocal, not
-// a division: the division was a third of the tables' time (AVX2, 200 x 200).
+// expm1(+c) and expm1(-c) by one expm1: with e = expm1(|c|), expm1(-|c|) = -e / (1 + e) (-1 where
+// e overflows).
 template <typename T>
 struct Expm1Pair {
   Vectorized<T> plus, minus;
@@ -349,8 +328,7 @@ template <typename T>
 inline Expm1Pair<T> expm1_pair(const Vectorized<T>& c) {
   using Vec = Vectorized<T>;
   const Vec e = expm1_nonnegative(c.abs());
-  const Vec huge(T(4) / std::numeric_limits<T>::epsilon());
-  const Vec e_inv = Vec::blendv(e.neg() * reciprocal(Vec(T(1)) + e), Vec(T(-1)), e > huge);
+  const Vec e_inv = Vec::blendv(e.neg() / (Vec(T(1)) + e), Vec(T(-1)), e == Vec(std::numeric_limits<T>::infinity()));
   const Vec negative = c < Vec(T(0));
   return {Vec::blendv(e, e_inv, negative), Vec::blendv(e_inv, e, negative)};
 }
@@ -919,6 +897,23 @@ Vectorized<T> entropy(const Vectorized<T>& z) {
   const Vec t = m.neg().exp();
   return log1p_inline(t) + m * t / (Vec(T(1)) + t);
 }
+
+// 1 / x for x in [1/2, e^4]: with AVX-512, float32 takes the hardware estimate and one Newton step
+// (~1 ulp); with AVX2 a division, which runs beside the FMA ports the estimate's Newton step takes
+// (the entropy delta 0.92x with it at 50 x 200 x 200 on AMD Zen 3, benchmarks/RESULTS.md).
+template <typename T>
+Vectorized<T> reciprocal(const Vectorized<T>& x) {
+  return x.reciprocal();
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+Vectorized<float> reciprocal(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  const Vec r(_mm512_rcp14_ps(x));  // relative error < 2^-14
+  return at::vec::fmadd(r, at::vec::fnmadd(x, r, Vec(1.f)), r);
+}
+#endif
 
 template <typename T>
 struct EntropyArgs {
