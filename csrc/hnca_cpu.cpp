@@ -900,7 +900,7 @@ Vectorized<T> entropy(const Vectorized<T>& z) {
 
 // 1 / x for x in [1/2, e^4]: with AVX-512, float32 takes the hardware estimate and one Newton step
 // (~1 ulp); with AVX2 a division, which runs beside the FMA ports the estimate's Newton step takes
-// (the entropy delta 0.92x with it at 50 x 200 x 200 on AMD Zen 3, benchmarks/RESULTS.md).
+// (the entropy delta 0.93x with it at 50 x 200 x 200 on AMD Zen 3, benchmarks/RESULTS.md).
 template <typename T>
 Vectorized<T> reciprocal(const Vectorized<T>& x) {
   return x.reciprocal();
