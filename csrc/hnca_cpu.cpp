@@ -385,11 +385,11 @@ at::Tensor message_tables(const at::Tensor& weight, T w, int64_t block, bool wit
         const Expm1Pair<T> e = expm1_pair(c);
         e.plus.store(dst);
         (e.plus ^ e.minus).store(dst + block);
-        if (kRecord == 3) e.minus.store(dst + 2 * block);
+        if constexpr (kRecord == 3) e.minus.store(dst + 2 * block);
         if (with_c) {
           c.store(dst + c_rows);
           (c ^ c.neg()).store(dst + c_rows + block);
-          if (kRecord == 3) c.neg().store(dst + c_rows + 2 * block);
+          if constexpr (kRecord == 3) c.neg().store(dst + c_rows + 2 * block);
         }
       }
     }
@@ -698,18 +698,17 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
     std::vector<std::vector<Chunk>> plans{plan_chunks(r)};
     const bool per_pair = cut_short(plans[0], out);
     const FactorBounds<T> bounds(per_pair ? std::vector<T>(r.begin(), r.end()) : std::vector<T>());
-    auto v = at::empty_like(logits);
     const auto scored = per_pair ? at::empty_like(logits) : y_;  // the outcomes scored (fired where > 0)
     const auto flip = per_pair ? at::empty_like(logits) : at::Tensor();  // s where flipped, else 0
     const T *lp = logits.data_ptr<T>(), *yp = y_.data_ptr<T>();
-    T *vp = v.data_ptr<T>(), *sp = scored.data_ptr<T>(), *fp = per_pair ? flip.data_ptr<T>() : nullptr;
+    T *sp = scored.data_ptr<T>(), *fp = per_pair ? flip.data_ptr<T>() : nullptr;
     const int64_t groups = (batch + kRows - 1) / kRows;
     auto by_pairs = at::empty({groups * kRows * out * 2}, logits.options());
     T* pp = by_pairs.data_ptr<T>();
     if (per_pair) plans.resize(groups);
     at::parallel_for(0, groups, std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, kRows * out)),
                      [&](int64_t begin, int64_t end) {
-      std::vector<T> down(out), up(out);
+      std::vector<T> down(out), up(out), v(kRows * out);  // v: the group's rows, then packed by pairs
       // NaN sticks: its child is wide
       const auto keep_max = [](T* into, Vec x, int64_t count) {
         const Vec so_far = Vec::loadu(into, count);
@@ -724,11 +723,11 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
             const Vec l = Vec::loadu(lp + n + j, count);
             const Vec fired = Vec::loadu(yp + n + j, count) > Vec(T(0));
             if (!per_pair) {
-              other_outcome(l, fired).store(vp + n + j, count);
+              other_outcome(l, fired).store(v.data() + n - g * kRows * out + j, count);
               continue;
             }
             const Likelier<T> c = likelier(l, fired);
-            c.v.store(vp + n + j, count);
+            c.v.store(v.data() + n - g * kRows * out + j, count);
             c.fired.store(sp + n + j, count);
             c.flip.store(fp + n + j, count);
             keep_max(up.data() + j, bounds.growth(c.v, j, count), count);
@@ -739,7 +738,7 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
         for (int64_t b = g * kRows; b < std::min(batch, (g + 1) * kRows); ++b) {
           T* at = pp + pair_offset(b, out);
           for (int64_t j = 0; j < out; ++j, at += 2 * kRows) {
-            at[0] = vp[b * out + j];
+            at[0] = v[(b - g * kRows) * out + j];
             at[kRows] = mask_of<T>(sp[b * out + j] > 0);
           }
         }
@@ -900,7 +899,7 @@ Vectorized<T> entropy(const Vectorized<T>& z) {
 
 // 1 / x for x in [1/2, e^4]: with AVX-512, float32 takes the hardware estimate and one Newton step
 // (~1 ulp); with AVX2 a division, which runs beside the FMA ports the estimate's Newton step takes
-// (the entropy delta 0.93x with it at 50 x 200 x 200 on AMD Zen 3, benchmarks/RESULTS.md).
+// (measured faster in the entropy delta on AMD Zen 3: benchmarks/RESULTS.md, "Zen 3").
 template <typename T>
 Vectorized<T> reciprocal(const Vectorized<T>& x) {
   return x.reciprocal();
