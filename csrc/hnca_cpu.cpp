@@ -450,12 +450,21 @@ ChildRows<T> child_rows(const T* block_tables, int64_t j, T positive, int64_t bl
 }
 #endif
 
-// The two per-(example, child) values of the Bernoulli message's loop, stored by pairs of rows:
-// row b's for child j at pair_offset(b, out) + 2 * j * kRows and kRows further. A pair reads one
-// cache line per 4 or 8 children, where rows of a power-of-two length (out = 1024) put every row's
-// value for child j in one L1 set (4 KiB apart), evicting the tables held there.
-inline int64_t pair_offset(int64_t b, int64_t out) {
-  return (b / kRows * out * kRows) * 2 + b % kRows;
+// The per-(example, child) values of a message's loop (Bernoulli: v and the outcome as a mask;
+// entropy: u, kappa and the sign as a mask), stored by pairs of rows: value n of row b for child
+// j at pair_offset(b, out, values) + (values * j + n) * kRows. A pair reads one cache line per few
+// children, where rows of a power-of-two length (out = 1024) put every row's value for child j in
+// one L1 set (4 KiB apart), evicting the tables held there. The pairs are a further 1 KiB apart:
+// with out = 1024 every pair's values for a tile fell into the same quarter of the L1 sets (pairs
+// 16 KiB apart), and the tile's tables held there were evicted pair by pair (0.96x with the pad
+// at B=256, 1024 x 1024; benchmarks/RESULTS.md).
+template <typename T>
+int64_t pair_stride(int64_t out, int64_t values) {
+  return values * out * kRows + 1024 / int64_t(sizeof(T));
+}
+template <typename T>
+int64_t pair_offset(int64_t b, int64_t out, int64_t values) {
+  return b / kRows * pair_stride<T>(out, values) + b % kRows;
 }
 
 template <typename T>
@@ -582,7 +591,7 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
     }
   } else {
     const T* by_pairs[ROWS];
-    for (int r = 0; r < ROWS; ++r) by_pairs[r] = p.by_pairs + pair_offset(b0 + r, p.out);
+    for (int r = 0; r < ROWS; ++r) by_pairs[r] = p.by_pairs + pair_offset<T>(b0 + r, p.out, 2);
     for (int64_t j = j0; j < chunk.end; ++j) {
       for (int r = 0; r < ROWS; ++r) {
         const T* at = by_pairs[r] + 2 * j * kRows;
@@ -703,7 +712,7 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
     const T *lp = logits.data_ptr<T>(), *yp = y_.data_ptr<T>();
     T *sp = scored.data_ptr<T>(), *fp = per_pair ? flip.data_ptr<T>() : nullptr;
     const int64_t groups = (batch + kRows - 1) / kRows;
-    auto by_pairs = at::empty({groups * kRows * out * 2}, logits.options());
+    auto by_pairs = at::empty({groups * pair_stride<T>(out, 2)}, logits.options());
     T* pp = by_pairs.data_ptr<T>();
     if (per_pair) plans.resize(groups);
     at::parallel_for(0, groups, std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, kRows * out)),
@@ -736,7 +745,7 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
         }
         if (per_pair) plans[g] = plan_chunks(down, up);
         for (int64_t b = g * kRows; b < std::min(batch, (g + 1) * kRows); ++b) {
-          T* at = pp + pair_offset(b, out);
+          T* at = pp + pair_offset<T>(b, out, 2);
           for (int64_t j = 0; j < out; ++j, at += 2 * kRows) {
             at[0] = v[(b - g * kRows) * out + j];
             at[kRows] = mask_of<T>(sp[b * out + j] > 0);
@@ -920,9 +929,8 @@ struct EntropyArgs {
   const T* tables;     // [2, blocks, out, kRecord, block] (message_tables)
   int64_t c_rows;      // offset of the c rows: table_size(in, out, block)
   const T* logits;     // [B, out] l (s = +1 where l > 0)
-  const T* u;          // [B, out] sigmoid(-|l|)
-  const T* kappa;      // [B, out] -|l| sigmoid(|l|)
   const T* h;          // [B, out] H(l)
+  const T* by_pairs;   // u, kappa and mask_of(l > 0), by pairs of rows (pair_offset, 3 values)
   const std::vector<Chunk>* plans;  // example b's chunks: plans[b / examples_per_plan]
   int64_t examples_per_plan, in, out;
   T hi;
@@ -957,11 +965,13 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
       }
     }
   } else {
+    const T* by_pairs[ROWS];
+    for (int r = 0; r < ROWS; ++r) by_pairs[r] = p.by_pairs + pair_offset<T>(b0 + r, p.out, 3);
     for (int64_t j = j0; j < chunk.end; ++j) {
       for (int r = 0; r < ROWS; ++r) {
-        const int64_t bj = (b0 + r) * p.out + j;
-        const ChildRows<T> rows = child_rows(tables, j, mask_of<T>(p.logits[bj] > 0), block);
-        const Vec u(p.u[bj]), kappa(p.kappa[bj]);
+        const T* at = by_pairs[r] + 3 * j * kRows;
+        const ChildRows<T> rows = child_rows(tables, j, at[2 * kRows], block);
+        const Vec u(at[0]), kappa(at[kRows]);
         for (int k = 0; k < NV; ++k) {
           const Vec a_m1 = rows.pick(k * L, is_hi[r][k]);
           const Vec c = rows.pick(p.c_rows + k * L, is_hi[r][k]);
@@ -1002,21 +1012,34 @@ at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, co
     const auto tables = message_tables<T>(weight, T(w), block, /*with_c=*/true);
     // per (example, child), with t = exp(-|l|): u = t / (1 + t), kappa = -|l| / (1 + t), and
     // H(l) by the wide terms' formula, so that a zero weight gives a zero term
-    auto u = at::empty_like(logits), kappa = at::empty_like(logits), h = at::empty_like(logits);
+    auto h = at::empty_like(logits);
+    const int64_t groups = (batch + kRows - 1) / kRows;
+    auto by_pairs = at::empty({groups * pair_stride<T>(out, 3)}, logits.options());
     const T* lp = logits.data_ptr<T>();
-    T *up = u.data_ptr<T>(), *kp = kappa.data_ptr<T>(), *hp = h.data_ptr<T>();
-    at::parallel_for(0, logits.numel(), kElementsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; n += L) {
-        const int64_t count = std::min<int64_t>(L, end - n);
-        const Vec l = Vec::loadu(lp + n, count);
-        const Vec t = l.abs().neg().exp();
-        const Vec inv = (Vec(T(1)) + t).reciprocal();  // sigmoid(|l|)
-        (t * inv).store(up + n, count);
-        (l.abs().neg() * inv).store(kp + n, count);
-        entropy(l).store(hp + n, count);
+    T *hp = h.data_ptr<T>(), *pp = by_pairs.data_ptr<T>();
+    const int64_t rows_per_task = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, out));
+    at::parallel_for(0, batch, rows_per_task, [&](int64_t begin, int64_t end) {
+      std::vector<T> u(out), kappa(out);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t n = b * out;
+        for (int64_t j = 0; j < out; j += L) {
+          const int64_t count = std::min<int64_t>(L, out - j);
+          const Vec l = Vec::loadu(lp + n + j, count);
+          const Vec t = l.abs().neg().exp();
+          const Vec inv = (Vec(T(1)) + t).reciprocal();  // sigmoid(|l|)
+          (t * inv).store(u.data() + j, count);
+          (l.abs().neg() * inv).store(kappa.data() + j, count);
+          entropy(l).store(hp + n + j, count);
+        }
+        T* at = pp + pair_offset<T>(b, out, 3);
+        for (int64_t j = 0; j < out; ++j, at += 3 * kRows) {
+          at[0] = u[j];
+          at[kRows] = kappa[j];
+          at[2 * kRows] = mask_of<T>(lp[n + j] > 0);
+        }
       }
     });
-    const EntropyArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), table_size(in, out, block), lp, up, kp, hp,
+    const EntropyArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), table_size(in, out, block), lp, hp, pp,
                            &chunks, batch, in, out, T(hi), d.data_ptr<T>()};
     const int64_t terms = 3 * kRowsPerTask * block * out;  // a term costs about 3 Bernoulli terms
     for_each_tile(batch, in, block, kRowsPerTask, terms, [&](int64_t b0, int64_t rows, int64_t i0) {
