@@ -560,19 +560,19 @@ Likelier<T> likelier(const Vectorized<T>& z, const Vectorized<T>& fired) {
 }
 
 // Adds, for ROWS examples from b0 and NV vectors of parents from i0, each flip's change of the
-// log-likelihood of one chunk of children into `change`. NV < kVecs only in the last block of
+// log-likelihood of one chunk of children into `change`; `hi_masks` holds where the rows' parents
+// are at hi (both [row][vector][lane], as in message_task). NV < kVecs only in the last block of
 // parents, where the vectors past `in` would be all padding.
 template <typename T, int ROWS, int NV>
-void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, const Chunk& chunk, T* change) {
+void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, const Chunk& chunk, const T* hi_masks,
+                   T* change) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   constexpr int64_t block = kVecs * L;
   Vec is_hi[ROWS][NV], sum[ROWS][NV];
   for (int r = 0; r < ROWS; ++r) {
     for (int k = 0; k < NV; ++k) {
-      // lanes past the row's end read 0: their tables are 0 (a factor of 1), and are not stored
-      const int64_t count = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
-      is_hi[r][k] = Vec::loadu(p.x + (b0 + r) * p.in + i0 + k * L, count) == Vec(p.hi);
+      is_hi[r][k] = Vec::loadu(hi_masks + (r * kVecs + k) * L);
       sum[r][k] = Vec(T(0));
     }
   }
@@ -626,11 +626,22 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   T change[kRowsPerTask * kVecs * L] = {};  // [row][vector][lane]: the summed change at each flip
+  // [row][vector][lane]: where the parent is at hi, read at every chunk's start. Rows of x a power
+  // of two long (in = 1024) put the task's rows of a block in the same two L1 sets.
+  alignas(64) T hi_masks[kRowsPerTask * kVecs * L];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int k = 0; k < kVecs; ++k) {
+      // lanes past the row's end read 0: their tables are 0 (a factor of 1), and are not stored
+      const int64_t count = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
+      (Vec::loadu(p.x + (b0 + r) * p.in + i0 + k * L, count) == Vec(p.hi)).store(hi_masks + (r * kVecs + k) * L);
+    }
+  }
   auto run = [&](auto nv) {  // nv: the vectors of this block that hold parents, as a constant
     struct Cursor {
       const Chunk* next;  // the row's next chunk, from j0
       int64_t j0;
     };
+    const auto row = [](int64_t r) { return r * kVecs * L; };  // row r's place in change and hi_masks
     Cursor cursor[kRowsPerTask];  // one per pair of rows (per row in the last, partial pair)
     for (int64_t r = 0; r < rows; ++r) cursor[r] = {p.plans[(b0 + r) / p.examples_per_plan].data(), 0};
     // A block's last vectors of parents (nv < kVecs) give a pair of rows fewer chains than the
@@ -643,18 +654,18 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
       if constexpr (kGroup > kRows) {
         for (; grouped && r + kGroup <= rows; r += kGroup) {
           for (Cursor& c = cursor[r]; c.j0 < end; c.j0 = (c.next++)->end) {
-            message_chunk<T, kGroup, nv()>(p, b0 + r, i0, c.j0, *c.next, change + r * kVecs * L);
+            message_chunk<T, kGroup, nv()>(p, b0 + r, i0, c.j0, *c.next, hi_masks + row(r), change + row(r));
           }
         }
       }
       for (; r + kRows <= rows; r += kRows) {
         for (Cursor& c = cursor[r]; c.j0 < end; c.j0 = (c.next++)->end) {
-          message_chunk<T, kRows, nv()>(p, b0 + r, i0, c.j0, *c.next, change + r * kVecs * L);
+          message_chunk<T, kRows, nv()>(p, b0 + r, i0, c.j0, *c.next, hi_masks + row(r), change + row(r));
         }
       }
       for (; r < rows; ++r) {
         for (Cursor& c = cursor[r]; c.j0 < end; c.j0 = (c.next++)->end) {
-          message_chunk<T, 1, nv()>(p, b0 + r, i0, c.j0, *c.next, change + r * kVecs * L);
+          message_chunk<T, 1, nv()>(p, b0 + r, i0, c.j0, *c.next, hi_masks + row(r), change + row(r));
         }
       }
       if (end == p.out) break;
@@ -673,7 +684,7 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
     for (int k = 0; k < kVecs; ++k) {
       const int64_t count = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
       if (count > 0) {
-        const Vec is_hi = Vec::loadu(p.x + (b0 + r) * p.in + i0 + k * L, count) == Vec(p.hi);
+        const Vec is_hi = Vec::loadu(hi_masks + (r * kVecs + k) * L);
         const Vec sum = Vec::loadu(change + (r * kVecs + k) * L);
         Vec::blendv(sum, sum.neg(), is_hi).store(p.d + (b0 + r) * p.in + i0 + k * L, count);
       }
@@ -940,15 +951,15 @@ struct EntropyArgs {
 // Adds, for ROWS examples from b0 and NV vectors of parents from i0, each flip's change of the
 // entropy of one chunk of children into `change` (see the Bernoulli message_chunk).
 template <typename T, int ROWS, int NV>
-void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, const Chunk& chunk, T* change) {
+void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, const Chunk& chunk, const T* hi_masks,
+                   T* change) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   constexpr int64_t block = kVecs * L;
   Vec is_hi[ROWS][NV], q[ROWS][NV], rational[ROWS][NV];
   for (int r = 0; r < ROWS; ++r) {
     for (int k = 0; k < NV; ++k) {
-      const int64_t count = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
-      is_hi[r][k] = Vec::loadu(p.x + (b0 + r) * p.in + i0 + k * L, count) == Vec(p.hi);
+      is_hi[r][k] = Vec::loadu(hi_masks + (r * kVecs + k) * L);
       q[r][k] = Vec(T(0));
       rational[r][k] = Vec(T(0));
     }
