@@ -213,8 +213,12 @@ def test_failed_starts_leave_no_directory_and_divergence_leaves_valid_files(tabl
 def test_ctrl_c_exits_130_and_the_run_resumes(tmp_path, command):
     base = [*(VAE if command == "vae" else BANDIT), "--limit-train", "2000", "--out", str(tmp_path / "run")]
     argv = [*base, "--epochs", "1000"]
+    # Ctrl-C's default action in the child, even where this test runs with SIGINT ignored (a job
+    # started in the background by a shell without job control inherits SIG_IGN, and Python then
+    # installs no KeyboardInterrupt)
     proc = subprocess.Popen([sys.executable, "-m", "hnca_kernels", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (tmp_path / "run" / METRICS).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
