@@ -467,6 +467,15 @@ int64_t pair_offset(int64_t b, int64_t out, int64_t values) {
   return b / kRows * pair_stride<T>(out, values) + b % kRows;
 }
 
+// Stores row b's VALUES values per child, value(n, j) for value n of child j, at their places.
+template <int VALUES, typename T, typename F>
+void store_by_pairs(T* by_pairs, int64_t b, int64_t out, F value) {
+  T* at = by_pairs + pair_offset<T>(b, out, VALUES);
+  for (int64_t j = 0; j < out; ++j, at += VALUES * kRows) {
+    for (int n = 0; n < VALUES; ++n) at[n * kRows] = value(n, j);
+  }
+}
+
 template <typename T>
 struct BernoulliArgs {
   const T* x;          // [B, in]
@@ -625,6 +634,7 @@ template <typename T, template <typename> class Args>
 void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
+  const auto row = [](int64_t r) { return r * kVecs * L; };  // row r's place in change and hi_masks
   T change[kRowsPerTask * kVecs * L] = {};  // [row][vector][lane]: the summed change at each flip
   // [row][vector][lane]: where the parent is at hi, read at every chunk's start. Rows of x a power
   // of two long (in = 1024) put the task's rows of a block in the same two L1 sets.
@@ -633,7 +643,7 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
     for (int k = 0; k < kVecs; ++k) {
       // lanes past the row's end read 0: their tables are 0 (a factor of 1), and are not stored
       const int64_t count = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
-      (Vec::loadu(p.x + (b0 + r) * p.in + i0 + k * L, count) == Vec(p.hi)).store(hi_masks + (r * kVecs + k) * L);
+      (Vec::loadu(p.x + (b0 + r) * p.in + i0 + k * L, count) == Vec(p.hi)).store(hi_masks + row(r) + k * L);
     }
   }
   auto run = [&](auto nv) {  // nv: the vectors of this block that hold parents, as a constant
@@ -641,7 +651,6 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
       const Chunk* next;  // the row's next chunk, from j0
       int64_t j0;
     };
-    const auto row = [](int64_t r) { return r * kVecs * L; };  // row r's place in change and hi_masks
     Cursor cursor[kRowsPerTask];  // one per pair of rows (per row in the last, partial pair)
     for (int64_t r = 0; r < rows; ++r) cursor[r] = {p.plans[(b0 + r) / p.examples_per_plan].data(), 0};
     // A block's last vectors of parents (nv < kVecs) give a pair of rows fewer chains than the
@@ -684,8 +693,8 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
     for (int k = 0; k < kVecs; ++k) {
       const int64_t count = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
       if (count > 0) {
-        const Vec is_hi = Vec::loadu(hi_masks + (r * kVecs + k) * L);
-        const Vec sum = Vec::loadu(change + (r * kVecs + k) * L);
+        const Vec is_hi = Vec::loadu(hi_masks + row(r) + k * L);
+        const Vec sum = Vec::loadu(change + row(r) + k * L);
         Vec::blendv(sum, sum.neg(), is_hi).store(p.d + (b0 + r) * p.in + i0 + k * L, count);
       }
     }
@@ -756,11 +765,10 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
         }
         if (per_pair) plans[g] = plan_chunks(down, up);
         for (int64_t b = g * kRows; b < std::min(batch, (g + 1) * kRows); ++b) {
-          T* at = pp + pair_offset<T>(b, out, 2);
-          for (int64_t j = 0; j < out; ++j, at += 2 * kRows) {
-            at[0] = v[(b - g * kRows) * out + j];
-            at[kRows] = mask_of<T>(sp[b * out + j] > 0);
-          }
+          const T* vb = v.data() + (b - g * kRows) * out;
+          store_by_pairs<2>(pp, b, out, [&](int which, int64_t j) {
+            return which == 0 ? vb[j] : mask_of<T>(sp[b * out + j] > 0);
+          });
         }
       }
     });
@@ -1042,12 +1050,9 @@ at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, co
           (l.abs().neg() * inv).store(kappa.data() + j, count);
           entropy(l).store(hp + n + j, count);
         }
-        T* at = pp + pair_offset<T>(b, out, 3);
-        for (int64_t j = 0; j < out; ++j, at += 3 * kRows) {
-          at[0] = u[j];
-          at[kRows] = kappa[j];
-          at[2 * kRows] = mask_of<T>(lp[n + j] > 0);
-        }
+        store_by_pairs<3>(pp, b, out, [&](int which, int64_t j) {
+          return which == 0 ? u[j] : which == 1 ? kappa[j] : mask_of<T>(lp[n + j] > 0);
+        });
       }
     });
     const EntropyArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), table_size(in, out, block), lp, hp, pp,
