@@ -27,7 +27,9 @@
 // loop over the tile's children with its 2 x 4 accumulators in registers.
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/DistributionsHelper.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/bit_cast.h>
@@ -40,6 +42,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -1327,6 +1331,89 @@ at::Tensor logit_credit(const at::Tensor& logits_in, const at::Tensor& d_in) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A Bernoulli layer's sample, hi where u < sigmoid(l) and lo elsewhere, bit for bit the torch
+// expression of BernoulliLinear.sample: the same sigmoid (torch's, in float32), and u drawn as
+// torch.rand_like(logits) draws it, from the generator's next numel() words in memory order by
+// torch's own uniform transform. torch's uniform_ calls the generator once per element through
+// its serial kernel (most of the five ops' time at the paper's shape); here the engine is taken
+// out of the generator, run inline and put back, under the generator's lock.
+
+struct InlineEngine {  // what at::uniform_real_distribution asks of a generator
+  at::mt19937 engine;
+  uint32_t random() { return engine(); }
+};
+
+at::Tensor bernoulli_sample(const at::Tensor& logits, double lo, double hi, at::ScalarType dtype,
+                            std::optional<at::Generator> generator) {
+  TORCH_CHECK_VALUE(logits.device().is_cpu(), "hnca: logits must be on the CPU, got ",
+                    logits.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), "hnca: logits must be floating, got ",
+                   logits.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "hnca: dtype must be floating, got ", dtype);
+  // rand_like fills a tensor of the logits' strides in memory order; contiguous logits keep
+  // that order the element order
+  TORCH_CHECK_VALUE(logits.is_contiguous(), "hnca: logits must be contiguous");
+  TORCH_CHECK_VALUE(std::isfinite(lo) && std::isfinite(hi) && lo < hi,
+                    "hnca: the values lo, hi must be finite with lo < hi");
+  at::Tensor p = at::sigmoid(logits.to(at::kFloat));
+  float* values = p.data_ptr<float>();  // the probabilities, overwritten by the sample
+  const int64_t numel = p.numel();
+  using Vec = Vectorized<float>;
+  const Vec lo_v(static_cast<float>(lo)), hi_v(static_cast<float>(hi));
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  InlineEngine draws{gen->engine()};
+  const at::uniform_real_distribution<float> uniform(0.f, 1.f);
+  // the draws go through a buffer and the comparisons are vector blends: a scalar u < p compiles
+  // to a branch, and a coin flip is what no predictor learns
+  constexpr int64_t kDraws = 256;
+  float u[kDraws];
+  for (int64_t n0 = 0; n0 < numel; n0 += kDraws) {
+    const int64_t count = std::min(kDraws, numel - n0);
+    for (int64_t k = 0; k < count; ++k) u[k] = uniform(&draws);
+    for (int64_t k = 0; k < count; k += Vec::size()) {
+      const int64_t c = std::min<int64_t>(Vec::size(), count - k);
+      float* v = values + n0 + k;
+      Vec::blendv(lo_v, hi_v, Vec::loadu(u + k, c) < Vec::loadu(v, c)).store(v, c);
+    }
+  }
+  gen->set_engine(draws.engine);
+  return p.to(dtype);  // the layer's values are exact in any floating type
+}
+
+// A softmax layer's sample, bit for bit CategoricalLinear.sample's torch expression: per variable
+// (a row of K logits) one uniform u in (0, total] (rand's 0 taken as 1, times the last cumulative
+// probability), drawn in row order as rand_like draws them, and the class is the number of
+// cumulative probabilities below u. One pass for the expression's eight ops.
+
+at::Tensor categorical_sample(const at::Tensor& logits, std::optional<at::Generator> generator) {
+  TORCH_CHECK_VALUE(logits.device().is_cpu(), "hnca: logits must be on the CPU, got ",
+                    logits.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), "hnca: logits must be floating, got ",
+                   logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.size(-1) >= 1,
+                    "hnca: logits must have a last dimension of at least one class");
+  const at::Tensor cdf = at::softmax(logits.to(at::kFloat), -1).cumsum_(-1);
+  const int64_t classes = cdf.size(-1), rows = cdf.numel() / classes;
+  at::Tensor out = at::empty(cdf.sizes().slice(0, cdf.dim() - 1), cdf.options().dtype(at::kLong));
+  const float* c = cdf.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  InlineEngine draws{gen->engine()};
+  const at::uniform_real_distribution<float> uniform(0.f, 1.f);
+  for (int64_t r = 0; r < rows; ++r, c += classes) {
+    float u = uniform(&draws);
+    u = (u == 0.f ? 1.f : u) * c[classes - 1];
+    int64_t below = 0;
+    for (int64_t k = 0; k < classes; ++k) below += c[k] < u;
+    o[r] = below;
+  }
+  gen->set_engine(draws.engine);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // The calling core's float32 multiply-add rate, lanes per second: the yardstick of the message's
 // throughput (a narrow term is two multiply-adds, so the message's limit is half this rate in
 // terms per second). kChains independent chains of this build's vectors hide the FMA latency on
@@ -1383,6 +1470,10 @@ HNCA_LIBRARY(HNCA_NAMESPACE, m) {
   m.def("entropy_delta(Tensor x, Tensor weight, Tensor logits, float lo, float hi, bool check=True) -> Tensor");
   m.def("logit_credit(Tensor logits, Tensor d) -> Tensor");
   m.def("categorical_parent_log_ratio(Tensor a, Tensor weight, Tensor logits, Tensor y) -> Tensor");
+  // drawn from a generator: torch.compile must not reorder, merge or replay them
+  m.def("bernoulli_sample(Tensor logits, float lo, float hi, ScalarType dtype, Generator? generator=None) -> Tensor",
+        {at::Tag::nondeterministic_seeded});
+  m.def("categorical_sample(Tensor logits, Generator? generator=None) -> Tensor", {at::Tag::nondeterministic_seeded});
   // no tensor argument, so no dispatch key: one kernel for all of them
   m.def("fma_peak(float seconds=0.05) -> float", &hnca::fma_peak);
 }
@@ -1393,4 +1484,6 @@ HNCA_LIBRARY_IMPL(HNCA_NAMESPACE, CPU, m) {
   m.impl("entropy_delta", &hnca::entropy_delta);
   m.impl("logit_credit", &hnca::logit_credit);
   m.impl("categorical_parent_log_ratio", &hnca::categorical_parent_log_ratio);
+  m.impl("bernoulli_sample", &hnca::bernoulli_sample);
+  m.impl("categorical_sample", &hnca::categorical_sample);
 }

@@ -109,6 +109,17 @@ def _choose(name: str | None, device_type: str) -> str:
 _choose._dynamo_marked_constant = True
 
 
+def draws_in_cpp(logits: torch.Tensor) -> bool:
+    """Whether the C++ ops ``hnca::bernoulli_sample`` and ``hnca::categorical_sample`` draw the
+    layers' samples from ``logits``: contiguous CPU logits, the reference not asked for, outside
+    torch.compile's tracing, and the cpp backend already loaded (by a message pass: a forward alone
+    never loads, let alone builds, a backend). They draw bit for bit the samples of the layers'
+    torch expressions (the same generator words, the same sigmoid and softmax), in one op where
+    the expressions take five to eight."""
+    return (logits.device.type == "cpu" and "cpp" in _loaded and logits.is_contiguous()
+            and _default.get() != "reference" and not torch.compiler.is_compiling())
+
+
 @contextlib.contextmanager
 def use_backend(name: str | None):
     """Make ``name`` the default backend inside the ``with`` block (None: automatic).

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import functional, relaxed, validation
+from . import backends, functional, relaxed, validation
 from .record import _unwatched, active_records
 
 
@@ -177,6 +177,8 @@ class BernoulliLinear(_StochasticLinear):
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         lo, hi = self.values
+        if backends.draws_in_cpp(logits):
+            return torch.ops.hnca.bernoulli_sample(logits.detach(), lo, hi, self.weight.dtype)
         with torch.no_grad():
             # u < p written into u's own memory as 1.0 / 0.0 (the same draws and comparisons): no
             # bool tensor and no cast, a few times faster at the paper's shape (benchmarks/RESULTS.md)
@@ -364,6 +366,9 @@ class CategoricalLinear(_StochasticLinear):
         return sample.unflatten(-1, (self.num_variables, self.num_classes)).argmax(-1)
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        if backends.draws_in_cpp(logits):
+            idx = torch.ops.hnca.categorical_sample(logits.detach())
+            return self._coded(idx)
         with torch.no_grad():
             # Inverse CDF: the class is the number of cumulative probabilities below u, a uniform
             # in (0, total]: rand's 0 taken as 1, scaled by the last cumulative sum (which rounding
@@ -374,9 +379,13 @@ class CategoricalLinear(_StochasticLinear):
             u = torch.rand_like(cdf[..., :1])
             u = u.masked_fill_(u == 0, 1.0).mul_(cdf[..., -1:])
             idx = (cdf < u).sum(-1)
-            if not self.one_hot:
-                return idx
-            return F.one_hot(idx, self.num_classes).to(self.weight.dtype).flatten(-2 if self.num_variables > 1 else -1)
+            return self._coded(idx)
+
+    def _coded(self, idx: torch.Tensor) -> torch.Tensor:
+        """Drawn classes [..., V] as this layer's sample: the indices, or their one-hot vectors."""
+        if not self.one_hot:
+            return idx
+        return F.one_hot(idx, self.num_classes).to(self.weight.dtype).flatten(-2 if self.num_variables > 1 else -1)
 
     def check_sample(self, sample, logits, name="sample", shape=True, values=True) -> torch.Tensor:
         """``sample`` as this layer's sample for ``logits``, after checking its shape and values."""

@@ -232,7 +232,25 @@ def _register_fake() -> None:
         return logits.new_empty(a.shape[0], a.shape[1], weight.shape[1] // a.shape[1],
                                 dtype=torch.promote_types(logits.dtype, torch.float32))
 
+    def sampled_logits(logits):
+        _require(logits.is_floating_point(), TypeError, "logits must be floating")
+
+    def bernoulli_sample(logits, lo, hi, dtype, generator=None):
+        sampled_logits(logits)
+        _require(dtype.is_floating_point, TypeError, "dtype must be floating")
+        _require(logits.is_contiguous(), ValueError, "logits must be contiguous")
+        _require(math.isfinite(lo) and math.isfinite(hi) and lo < hi, ValueError,
+                 "the values lo, hi must be finite with lo < hi")
+        return logits.new_empty(logits.shape, dtype=dtype)
+
+    def categorical_sample(logits, generator=None):
+        sampled_logits(logits)
+        _require(logits.dim() >= 1 and logits.shape[-1] >= 1, ValueError,
+                 "logits must have a last dimension of at least one class")
+        return logits.new_empty(logits.shape[:-1], dtype=torch.int64)
+
     for op, fake in (("bernoulli_log_ratio", bernoulli), ("categorical_log_ratio", categorical),
                      ("entropy_delta", entropy), ("logit_credit", credit),
-                     ("categorical_parent_log_ratio", categorical_parents)):
+                     ("categorical_parent_log_ratio", categorical_parents),
+                     ("bernoulli_sample", bernoulli_sample), ("categorical_sample", categorical_sample)):
         torch.library.register_fake(f"hnca::{op}", fake)

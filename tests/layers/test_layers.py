@@ -8,17 +8,32 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hnca_kernels import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential, record
+from hnca_kernels import BernoulliLinear, CategoricalLinear, MovingAverageBaseline, StochasticSequential, backends
+from hnca_kernels import record, use_backend
 from hnca_kernels.baseline import update_baselines
 
 
+@pytest.fixture(params=["torch", "cpp"])
+def drawn_by(request):
+    """The layers' samples drawn by their torch expressions (the reference backend asked for) or,
+    once the cpp backend is loaded, by its ops; yields a check that a call of logits took that path."""
+    if request.param == "torch":
+        with use_backend("reference"):
+            yield lambda logits: not backends.draws_in_cpp(logits)
+    else:
+        if not backends.is_available("cpp", "cpu"):
+            pytest.skip(backends.unavailable_reason("cpp", "cpu"))
+        yield backends.draws_in_cpp
+
+
 @pytest.mark.parametrize("centered", [False, True])
-def test_bernoulli_samples_fire_with_sigmoid_probability(centered):
+def test_bernoulli_samples_fire_with_sigmoid_probability(centered, drawn_by):
     layer = BernoulliLinear(4, 3, centered=centered)
     with torch.no_grad():
         layer.bias.copy_(torch.tensor([-2.0, 0.0, 1.5]))
         layer.weight.zero_()
     x = torch.zeros(20000, 4)
+    assert drawn_by(layer.logits(x))
     h = layer(x)
     lo, hi = (-1.0, 1.0) if centered else (0.0, 1.0)
     assert set(h.unique().tolist()) <= {lo, hi}
@@ -34,11 +49,12 @@ def test_initialisation_is_glorot_uniform_with_zero_bias():
     assert (layer.bias == 0).all()
 
 
-def test_categorical_samples_follow_softmax():
+def test_categorical_samples_follow_softmax(drawn_by):
     layer = CategoricalLinear(2, 3)
     with torch.no_grad():
         layer.weight.zero_()
         layer.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    assert drawn_by(layer.logits(torch.zeros(1, 2)))
     a = layer(torch.zeros(30000, 2))
     assert a.dtype == torch.int64 and a.shape == (30000,)
     freq = torch.bincount(a, minlength=3).double() / 30000
@@ -52,6 +68,55 @@ def test_same_seed_same_samples():
     a1 = net(x)
     torch.manual_seed(3)
     assert torch.equal(net(x), a1)
+
+
+def _draws(layer, logits, path):
+    """The layer's sample of ``logits`` drawn by ``path`` from seed 5, and the generator's next words."""
+    torch.manual_seed(5)
+    with use_backend("reference" if path == "torch" else None):
+        assert backends.draws_in_cpp(logits) == (path == "cpp")
+        sample = layer.sample(logits)
+    return sample, torch.randint(0, 2**31, (3,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layer", [
+    BernoulliLinear(2, 333), BernoulliLinear(2, 333, centered=True), CategoricalLinear(2, 7),
+    CategoricalLinear(2, 3, num_variables=5), CategoricalLinear(2, 4, num_variables=3, one_hot=True),
+    CategoricalLinear(2, 1)], ids=["01", "pm1", "softmax", "softmax-V5", "one-hot-V3", "one-class"])
+def test_the_cpp_ops_draw_the_torch_expressions_samples_bit_for_bit(layer, dtype):
+    """The same generator words, sigmoid and softmax: the cpp path's samples are the torch path's,
+    and it leaves the generator where the torch path does (an odd number of elements: not whole
+    vectors or whole blocks of draws; saturated logits, for probabilities 0 and 1)."""
+    if not backends.is_available("cpp", "cpu"):
+        pytest.skip(backends.unavailable_reason("cpp", "cpu"))
+    layer = layer.to(dtype)
+    torch.manual_seed(0)
+    shape = layer._logits(torch.zeros(9, 2, dtype=dtype)).shape  # [B, out], or [B, V, K]
+    logits = torch.randn(shape) * 4
+    logits.view(-1)[:3] = torch.tensor([-200.0, 200.0, 0.0])
+    logits = logits.to(dtype)
+    for rows in (9, 0):
+        cpp, torch_ = _draws(layer, logits[:rows], "cpp"), _draws(layer, logits[:rows], "torch")
+        assert cpp[0].dtype == torch_[0].dtype and torch.equal(cpp[0], torch_[0])
+        assert torch.equal(cpp[1], torch_[1])
+        assert rows == 0 or len(layer.sample_values) == 1 or len(torch.unique(cpp[0])) > 1
+
+
+def test_the_sampling_ops_draw_from_a_given_generator():
+    """A generator passed to the ops is the one they advance: the default one is untouched."""
+    if not backends.is_available("cpp", "cpu"):
+        pytest.skip(backends.unavailable_reason("cpp", "cpu"))
+    logits = torch.randn(6, 11)
+    for op, args in ((torch.ops.hnca.bernoulli_sample, (-1.0, 1.0, torch.float32)),
+                     (torch.ops.hnca.categorical_sample, ())):
+        torch.manual_seed(1)
+        first = op(logits, *args, generator=torch.Generator().manual_seed(7))
+        untouched = torch.rand(4)
+        torch.manual_seed(1)
+        assert torch.equal(torch.rand(4), untouched)
+        assert torch.equal(op(logits, *args, generator=torch.Generator().manual_seed(7)), first)
+        assert not torch.equal(op(logits, *args, generator=torch.Generator().manual_seed(8)), first)
 
 
 @pytest.mark.parametrize("estimator", ["hnca", "reinforce"])

@@ -17,6 +17,10 @@ def test_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.hnca.categorical_log_ratio, (x_, w_, l_, a, *pv))
         torch.library.opcheck(torch.ops.hnca.entropy_delta, (x_, w_, l_, *pv))
         torch.library.opcheck(torch.ops.hnca.logit_credit, (l_, x_ @ w_.t()))
+        # the samplers draw anew at every call: the checks that compare two calls' outputs do not apply
+        for op, args in ((torch.ops.hnca.bernoulli_sample, (l_, -1.0, 1.0, dtype)),
+                         (torch.ops.hnca.categorical_sample, (l_.view(6, 5, 1).expand(6, 5, 3).contiguous(),))):
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def _bad_calls():
@@ -51,6 +55,14 @@ def _bad_calls():
         "categorical parents' weight not V*K wide": (ValueError, lambda: ops.categorical_parent_log_ratio(
             a.view(B, 1).expand(B, 2), torch.randn(n_out, 3), l, y)),
         "integer credit": (TypeError, lambda: ops.logit_credit(l.long(), l.long())),
+        "integer logits to sample": (TypeError, lambda: ops.bernoulli_sample(l.long(), 0.0, 1.0, torch.float32)),
+        "an integer sample": (TypeError, lambda: ops.bernoulli_sample(l, 0.0, 1.0, torch.int64)),
+        "transposed logits to sample": (ValueError, lambda: ops.bernoulli_sample(l.t(), 0.0, 1.0, torch.float32)),
+        "sample values hi below lo": (ValueError, lambda: ops.bernoulli_sample(l, 1.0, -1.0, torch.float32)),
+        "infinite sample value": (ValueError, lambda: ops.bernoulli_sample(l, 0.0, float("inf"), torch.float32)),
+        "integer logits of classes": (TypeError, lambda: ops.categorical_sample(l.long())),
+        "logits of no classes": (ValueError, lambda: ops.categorical_sample(l[:, :0])),
+        "0-D logits of classes": (ValueError, lambda: ops.categorical_sample(l[0, 0])),
     }
 
 
@@ -75,5 +87,9 @@ def test_opcheck_sees_the_argument_checks():
         torch.ops.hnca.categorical_log_ratio(*meta, torch.zeros(3, dtype=torch.long, device="meta"), 0.0, 1.0)
     with pytest.raises(TypeError, match="hnca: logits and d must be floating"):
         torch.ops.hnca.logit_credit(meta[2].long(), meta[2].long())
+    with pytest.raises(ValueError, match="hnca: logits must be contiguous"):
+        torch.ops.hnca.bernoulli_sample(meta[2].t(), 0.0, 1.0, torch.float32)
+    with pytest.raises(ValueError, match="hnca: logits must have a last dimension"):
+        torch.ops.hnca.categorical_sample(meta[2][:, :0])
 
 
