@@ -813,52 +813,132 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
 // ---------------------------------------------------------------------------------------------
 // Softmax child: with z_k = l_k - l_a (0 for the sampled class a),
 //   d = sign * (lse_k(z_k) - lse_k(z_k + Delta*(W[k, i] - W[a, i]))),
-// each logsumexp kept as top + log1p(rest), rest = sum of exp(z - top) but the top term, in one
-// pass (online). Where the sampled class dominates both are tiny and exact to relative
-// rounding, and no exp can overflow for any W. K is small; W's K rows stay in L1.
+// each logsumexp kept as top + log1p(rest), rest = sum of exp(z - top) but the top term. Where
+// the sampled class dominates both are tiny and exact to relative rounding. The counterfactual
+// one is tabled (below) where the weights allow, else taken in one pass over the classes
+// (online), an exp a term, which no W can overflow.
 
-// One step of the online logsumexp: fold z into (top, rest).
+// Tabled columns: a term is a multiply-add instead of an exp. With m = max_k z_k >= 0 and
+// r_k = e^(z_k - m) per example, and the tables E+-[k, i] = e^(+-w*W[k, i]) (2*K*in exps a call, one
+// per term otherwise):
+//   lse_k(z_k + Delta*(W[k, i] - W[a, i])) - m = log(r_a + E_-Delta[a, i] * sum_{k != a} r_k E_Delta[k, i]),
+// taken as log1p(...) where a is the top class (r_a = 1): exact to relative rounding, as the online
+// pass is. A column whose classes' weights span R / w with R <= kTabledRange keeps the
+// max-shifted sum at least e^-R, so the r_k flushed to 0 below e^-kFlush lose less than
+// K e^(2R - kFlush) of it (under 1e-11); |w*W| <= kTableBound keeps every table entry and product
+// in float32's range. Other columns take the online pass.
+constexpr double kTabledRange = 25;
+constexpr double kTableBound = 40;
+constexpr double kFlush = 80;
+
 template <typename T>
-inline void online_lse_scalar(T& top, T& rest, T z) {
-  const T e = std::exp(-std::abs(z - top));
-  if (z > top) {
-    rest = (rest + 1) * e;
-    top = z;
-  } else {
-    rest += e;
-  }
+struct CategoricalTables {
+  // [V][Delta = +w, -w][k][stride]: e^(Delta * W[v*K + k, i]); rows a cache line further apart
+  // than the parents' width (rows of a power-of-two width would share a few cache sets)
+  std::vector<T> tables;
+  std::vector<uint8_t> tabled;  // [V][vector of parents]: whether the vector's columns are tabled
+  int64_t stride;
+};
+
+template <typename T>
+CategoricalTables<T> categorical_tables(const T* weight, int64_t in, int64_t classes, int64_t variables, T w) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
+  const int64_t vectors = (in + L - 1) / L;
+  const int64_t stride = vectors * L + 64 / int64_t(sizeof(T));
+  CategoricalTables<T> t{std::vector<T>(variables * 2 * classes * stride), std::vector<uint8_t>(variables * vectors, 1),
+                         stride};
+  at::parallel_for(0, variables, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t v = begin; v < end; ++v) {
+      const T* rows = weight + v * classes * in;
+      for (int64_t i = 0; i < in; ++i) {
+        T top = rows[i], bottom = rows[i];
+        for (int64_t k = 1; k < classes; ++k) {
+          top = std::max(top, rows[k * in + i]);
+          bottom = std::min(bottom, rows[k * in + i]);
+        }
+        const bool ok = w * (top - bottom) <= T(kTabledRange) && w * std::max(top, -bottom) <= T(kTableBound);
+        if (!ok) t.tabled[v * vectors + i / L] = 0;  // also for NaN
+      }
+      for (int64_t sign = 0; sign < 2; ++sign) {
+        const Vec delta(sign == 0 ? w : -w);
+        for (int64_t k = 0; k < classes; ++k) {
+          T* table = t.tables.data() + ((v * 2 + sign) * classes + k) * stride;
+          for (int64_t i0 = 0; i0 < in; i0 += L) {
+            const int64_t count = std::min<int64_t>(L, in - i0);
+            (delta * Vec::loadu(rows + k * in + i0, count)).exp().store(table + i0, count);
+          }
+        }
+      }
+    }
+  });
+  return t;
 }
 
 template <typename T>
-void categorical_rows(const T* x, const T* weight_all, const T* logits_all, const int64_t* a_all, T* d,
-                      int64_t b, int64_t in, int64_t classes, int64_t variables, T lo, T hi) {
+void categorical_rows(const T* x, const T* weight_all, const T* logits_all, const int64_t* a_all,
+                      const CategoricalTables<T>& tables, T* d, int64_t b, int64_t in, int64_t classes,
+                      int64_t variables, T lo, T hi) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
+  const int64_t vectors = (in + L - 1) / L;
+  std::vector<T> r(classes);
   for (int64_t v = 0; v < variables; ++v) {  // the variables' log-ratios add up
     const T* l = logits_all + (b * variables + v) * classes;
     const T* weight = weight_all + v * classes * in;
     const int64_t a = a_all[b * variables + v];
     const T* w_a = weight + a * in;
-    T top = l[0] - l[a], rest = 0;
-    for (int64_t k = 1; k < classes; ++k) online_lse_scalar(top, rest, l[k] - l[a]);
+    // m = max_k z_k >= 0 (z_a = 0) and r_k = e^(z_k - m): lse_actual = m + log1p(the r but the top's)
+    int64_t top_class = a;
+    for (int64_t k = 0; k < classes; ++k) top_class = l[k] > l[top_class] ? k : top_class;
+    const T top = l[top_class] - l[a];
+    T others = 0, rest = 0;  // the r but a's, and but the top class's
+    for (int64_t k = 0; k < classes; ++k) {
+      const T z = l[k] - l[a] - top;
+      r[k] = z < T(-kFlush) ? T(0) : std::exp(z);
+      others += k == a ? T(0) : r[k];
+      rest += k == top_class ? T(0) : r[k];
+    }
     const Vec lse_actual(top + std::log1p(rest));
+    const int64_t stride = tables.stride;
+    const T* table = tables.tables.data() + v * 2 * classes * stride;
+    const bool a_on_top = top_class == a;
+    const T r_a = r[a];
+    // log(r_a + sum_{k != a} r_k) = lse_actual - m, as the tabled columns take it
+    const T actual = a_on_top ? std::log1p(others) : std::log(r_a + others);
     const Vec w(hi - lo), one(T(1));
     for (int64_t i0 = 0; i0 < in; i0 += L) {
       const int64_t count = std::min<int64_t>(L, in - i0);
       const Vec is_hi = Vec::loadu(x + b * in + i0, count) == Vec(hi);
-      const Vec delta = Vec::blendv(w, w.neg(), is_hi);
-      const Vec own = Vec::loadu(w_a + i0, count);
-      auto z = [&](int64_t k) {
-        return at::vec::fmadd(delta, Vec::loadu(weight + k * in + i0, count) - own, Vec(l[k] - l[a]));
-      };
-      Vec top_cf = z(0), rest_cf(T(0));
-      for (int64_t k = 1; k < classes; ++k) {
-        const Vec zk = z(k);
-        const Vec e = (zk - top_cf).abs().neg().exp();
-        rest_cf = Vec::blendv(rest_cf + e, (rest_cf + one) * e, zk > top_cf);
-        top_cf = at::vec::maximum(top_cf, zk);
+      Vec ratio;
+      if (tables.tabled[v * vectors + i0 / L]) {
+        // E_Delta[k] for Delta = +w where the parent is lo, -w where it is hi
+        auto e = [&](int64_t k, bool minus_delta) {
+          const T* row = table + k * stride + i0;
+          const Vec plus = Vec::loadu(row, count), minus = Vec::loadu(row + classes * stride, count);
+          return minus_delta ? Vec::blendv(minus, plus, is_hi) : Vec::blendv(plus, minus, is_hi);
+        };
+        Vec sums[2] = {Vec(T(0)), Vec(T(0))};  // two chains of multiply-adds: half the latency
+        for (int64_t k = 0; k < classes; ++k) {
+          if (k != a) sums[k & 1] = at::vec::fmadd(Vec(r[k]), e(k, false), sums[k & 1]);
+        }
+        const Vec sum = (sums[0] + sums[1]) * e(a, true);
+        ratio = Vec(actual) - (a_on_top ? log1p_inline(sum) : (Vec(r_a) + sum).log());
+      } else {
+        const Vec delta = Vec::blendv(w, w.neg(), is_hi);
+        const Vec own = Vec::loadu(w_a + i0, count);
+        auto z = [&](int64_t k) {
+          return at::vec::fmadd(delta, Vec::loadu(weight + k * in + i0, count) - own, Vec(l[k] - l[a]));
+        };
+        Vec top_cf = z(0), rest_cf(T(0));
+        for (int64_t k = 1; k < classes; ++k) {
+          const Vec zk = z(k);
+          const Vec e = (zk - top_cf).abs().neg().exp();
+          rest_cf = Vec::blendv(rest_cf + e, (rest_cf + one) * e, zk > top_cf);
+          top_cf = at::vec::maximum(top_cf, zk);
+        }
+        ratio = lse_actual - (top_cf + log1p_inline(rest_cf));
       }
-      const Vec ratio = lse_actual - (top_cf + log1p_inline(rest_cf));
       const Vec signed_ratio = Vec::blendv(ratio, ratio.neg(), is_hi);
       T* out = d + b * in + i0;
       (v == 0 ? signed_ratio : Vec::loadu(out, count) + signed_ratio).store(out, count);
@@ -896,11 +976,12 @@ at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weigh
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     const scalar_t* lp = logits.data_ptr<scalar_t>();
     scalar_t* dp = d.data_ptr<scalar_t>();
-    // a term (one class for one parent) costs an exp
+    const auto tables = categorical_tables<scalar_t>(wp, in, classes, variables, scalar_t(hi - lo));
+    // a term (one class for one parent) costs an exp (or, tabled, a multiply-add)
     const int64_t grain = std::max<int64_t>(1, kTermsPerThread / 16 / std::max<int64_t>(1, in * classes * variables));
     at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        categorical_rows<scalar_t>(xp, wp, lp, ap, dp, b, in, classes, variables, scalar_t(lo), scalar_t(hi));
+        categorical_rows<scalar_t>(xp, wp, lp, ap, tables, dp, b, in, classes, variables, scalar_t(lo), scalar_t(hi));
       }
     });
   });

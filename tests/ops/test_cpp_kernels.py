@@ -224,6 +224,58 @@ def test_categorical_both_forms(backend, device):
         assert rel_err(reference.categorical_log_ratio(x, weight, logits, a, *pv), out.cpu()) < TOL[dtype]
 
 
+def _softmax_child_oracle(x, weight, logits, a, lo, hi):
+    """The softmax child's message for one variable in float64, each logsumexp relative to the
+    sampled class and taken as log1p of the other classes' terms: exact to relative rounding where
+    the sampled class dominates (where the reference's log_softmax rounds to 0)."""
+    z = logits - logits.gather(1, a[:, None])                                  # [B, K], z_a = 0
+    is_hi = x == hi
+    delta = torch.where(is_hi, lo - hi, hi - lo)                                # the flip's change
+    cf = z[:, None, :] + delta[..., None] * (weight.t()[None] - weight[a][:, :, None])  # [B, in, K]
+    others = ~torch.nn.functional.one_hot(a, logits.shape[1]).bool()
+    ratio = torch.log1p((z.exp() * others).sum(-1))[:, None] - torch.log1p((cf.exp() * others[:, None]).sum(-1))
+    return torch.where(is_hi, -ratio, ratio)
+
+
+@pytest.mark.skipif(not backends.is_available("cpp", "cpu"), reason="the cpp backend is not available")
+@pytest.mark.parametrize("coding", ["01", "pm1"])
+def test_softmax_children_of_dominant_classes_send_tiny_messages_exactly(coding):
+    # the sampled class ahead of the others by 45: terms ~1e-18 that the reference's log_softmax
+    # rounds away, kept to relative rounding by the C++ kernel's log1p on the tabled columns
+    # (weights of a small spread); the wide columns (the last vector's) take the online pass
+    x, weight, _, _, _, (lo, hi) = make_layer((50, 37, 6), coding, "saturated")
+    weight[:, 32:] *= 8
+    g = torch.Generator().manual_seed(4)
+    a = torch.randint(0, 3, (50,), generator=g)
+    logits = (torch.rand(50, 6, generator=g, dtype=torch.float64) * 2 - 1) * 3
+    logits.scatter_(1, a[:, None], 45.0)
+    ref = _softmax_child_oracle(x, weight, logits, a, lo, hi)
+    assert 0 < ref[:, :32].abs().max() < 1e-9
+    for dtype in (torch.float32, torch.float64):
+        out = torch.ops.hnca.categorical_log_ratio(x.to(dtype), weight.to(dtype), logits.to(dtype), a, lo, hi)
+        assert rel_err(ref[:, :32], out[:, :32]) < TOL[dtype]
+        assert rel_err(ref[:, 32:], out[:, 32:]) < TOL[dtype]
+
+
+@pytest.mark.skipif(not backends.is_available("cpp", "cpu"), reason="the cpp backend is not available")
+def test_softmax_child_columns_too_wide_for_the_tables_take_the_online_pass():
+    # a column whose classes span 78 (0/1 parents, w = 1): the top class (70 ahead of the sampled
+    # one) falls by 39 where the parent flips on and a class 81 below it rises by 39, to within e^-3 of
+    # it. Its r = e^-81 is flushed to 0 on a tabled column, so the kernel must take the online pass
+    # there; the other columns stay tabled.
+    B, n_in = 4, 9
+    x = torch.zeros(B, n_in, dtype=torch.float64)
+    weight = torch.randn(3, n_in, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.1
+    weight[:, 2] = torch.tensor([0.0, -39.0, 39.0])  # the sampled class 0, the top 1, the riser 2
+    logits = torch.tensor([0.0, 70.0, -11.0], dtype=torch.float64).expand(B, 3).clone()
+    a = torch.zeros(B, dtype=torch.long)
+    ref = reference.categorical_log_ratio(x, weight, logits, a, 0.0, 1.0)
+    assert (ref[:, 2] - (70 - torch.tensor(31.0, dtype=torch.float64).logaddexp(torch.tensor(28.0, dtype=torch.float64)))).abs().max() < 1e-9
+    for dtype in (torch.float32, torch.float64):
+        out = torch.ops.hnca.categorical_log_ratio(x.to(dtype), weight.to(dtype), logits.to(dtype), a, 0.0, 1.0)
+        assert rel_err(ref, out) < TOL[dtype]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_messages_do_not_synchronize():
     # torch raises on any synchronising call (.item(), bool(tensor), a host copy) in this mode
