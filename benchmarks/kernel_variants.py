@@ -14,7 +14,8 @@ in the same process, is printed beside the throughputs (a narrow term is two mul
 the forward GEMM of the shape (x @ W.T, torch's), timed in the same rounds, beside the times.
 
 --op categorical times the message to categorical parents (in = variables x --classes, Bernoulli
-children). --regime confident gives children as a trained model's: weights three times the
+children); --op softmax the message of one softmax child of out classes (the bandit's output layer)
+to its Bernoulli parents. --regime confident gives children as a trained model's: weights three times the
 initial scale's bound, logits of +-(25 to 35) and 3% of the children against their logit.
 """
 
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("variants", nargs="+")
     parser.add_argument("--shape", default="256x1024x1024", help="B x in x out")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--op", choices=("bernoulli", "entropy", "categorical"), default="bernoulli")
+    parser.add_argument("--op", choices=("bernoulli", "entropy", "categorical", "softmax"), default="bernoulli")
     parser.add_argument("--classes", type=int, default=10, help="classes of a categorical parent")
     parser.add_argument("--regime", choices=("init", "confident"), default="init")
     args = parser.parse_args(argv)
@@ -113,6 +114,9 @@ def main(argv=None) -> int:
         calls = [lambda op=op: op.bernoulli_log_ratio(x, weight, logits, y, -1.0, 1.0, True) for op in ops]
     elif args.op == "entropy":
         calls = [lambda op=op: op.entropy_delta(x, weight, logits, -1.0, 1.0, True) for op in ops]
+    elif args.op == "softmax":
+        sampled = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
+        calls = [lambda op=op: op.categorical_log_ratio(x, weight, logits, sampled, -1.0, 1.0, True) for op in ops]
     else:
         y01 = (y > 0).float()
         calls = [lambda op=op: op.categorical_parent_log_ratio(a, weight, logits, y01) for op in ops]

@@ -904,6 +904,7 @@ void categorical_rows(const T* x, const T* weight_all, const T* logits_all, cons
     const T* table = tables.tables.data() + v * 2 * classes * stride;
     const bool a_on_top = top_class == a;
     const T r_a = r[a];
+    r[a] = 0;  // the tabled columns' sums leave a's own term out
     // log(r_a + sum_{k != a} r_k) = lse_actual - m, as the tabled columns take it
     const T actual = a_on_top ? std::log1p(others) : std::log(r_a + others);
     const Vec w(hi - lo), one(T(1));
@@ -918,11 +919,15 @@ void categorical_rows(const T* x, const T* weight_all, const T* logits_all, cons
           const Vec plus = Vec::loadu(row, count), minus = Vec::loadu(row + classes * stride, count);
           return minus_delta ? Vec::blendv(minus, plus, is_hi) : Vec::blendv(plus, minus, is_hi);
         };
-        Vec sums[2] = {Vec(T(0)), Vec(T(0))};  // two chains of multiply-adds: half the latency
-        for (int64_t k = 0; k < classes; ++k) {
-          if (k != a) sums[k & 1] = at::vec::fmadd(Vec(r[k]), e(k, false), sums[k & 1]);
+        // two chains of multiply-adds: half the latency
+        Vec even(T(0)), odd(T(0));
+        int64_t k = 0;
+        for (; k + 1 < classes; k += 2) {
+          even = at::vec::fmadd(Vec(r[k]), e(k, false), even);
+          odd = at::vec::fmadd(Vec(r[k + 1]), e(k + 1, false), odd);
         }
-        const Vec sum = (sums[0] + sums[1]) * e(a, true);
+        if (k < classes) even = at::vec::fmadd(Vec(r[k]), e(k, false), even);
+        const Vec sum = (even + odd) * e(a, true);
         ratio = Vec(actual) - (a_on_top ? log1p_inline(sum) : (Vec(r_a) + sum).log());
       } else {
         const Vec delta = Vec::blendv(w, w.neg(), is_hi);
