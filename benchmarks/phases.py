@@ -100,8 +100,9 @@ def batch(B, widths, device="cpu", dtype=torch.float32, seed=0):
 class Stochastic:
     """HNCA (``estimator="hnca"``, messages on ``backend``) or REINFORCE on the stochastic net.
 
-    ``backend`` also picks the forward's sampling path (``use_backend``: triton's fused layer);
-    None is the automatic choice, as a user gets it.
+    ``backend`` is the messages' (None: the automatic choice, as a user gets it); the forward runs
+    under ``use_backend(backend)`` too, so on the CPU the cpp backend's ops draw the samples
+    (``reference``: the torch expression; the same samples either way).
     """
 
     def __init__(self, net, estimator="hnca", backend=None, lr=1e-4):
