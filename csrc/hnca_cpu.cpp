@@ -825,11 +825,13 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
 // taken as log1p(...) where a is the top class (r_a = 1): exact to relative rounding, as the online
 // pass is. A column whose classes' weights span R / w with R <= kTabledRange keeps the
 // max-shifted sum at least e^-R, so the r_k flushed to 0 below e^-kFlush lose less than
-// K e^(2R - kFlush) of it (under 1e-11); |w*W| <= kTableBound keeps every table entry and product
-// in float32's range. Other columns take the online pass.
+// K e^(2R - kFlush) of it (under 1e-11); |w*W| <= kTableBound keeps every table entry, and with
+// K <= kTabledClasses every sum and product, in float32's range (K e^80 < e^88). Other columns
+// take the online pass.
 constexpr double kTabledRange = 25;
 constexpr double kTableBound = 40;
 constexpr double kFlush = 80;
+constexpr int64_t kTabledClasses = 4096;
 
 template <typename T>
 struct CategoricalTables {
@@ -846,6 +848,7 @@ CategoricalTables<T> categorical_tables(const T* weight, int64_t in, int64_t cla
   constexpr int L = Vec::size();
   const int64_t vectors = (in + L - 1) / L;
   const int64_t stride = vectors * L + 64 / int64_t(sizeof(T));
+  if (classes > kTabledClasses) return {{}, std::vector<uint8_t>(variables * vectors, 0), stride};
   CategoricalTables<T> t{std::vector<T>(variables * 2 * classes * stride), std::vector<uint8_t>(variables * vectors, 1),
                          stride};
   at::parallel_for(0, variables, 1, [&](int64_t begin, int64_t end) {
@@ -901,7 +904,7 @@ void categorical_rows(const T* x, const T* weight_all, const T* logits_all, cons
     }
     const Vec lse_actual(top + std::log1p(rest));
     const int64_t stride = tables.stride;
-    const T* table = tables.tables.data() + v * 2 * classes * stride;
+    const T* table = tables.tables.empty() ? nullptr : tables.tables.data() + v * 2 * classes * stride;
     const bool a_on_top = top_class == a;
     const T r_a = r[a];
     r[a] = 0;  // the tabled columns' sums leave a's own term out

@@ -276,6 +276,17 @@ def test_softmax_child_columns_too_wide_for_the_tables_take_the_online_pass():
         assert rel_err(ref, out) < TOL[dtype]
 
 
+@pytest.mark.skipif(not backends.is_available("cpp", "cpu"), reason="the cpp backend is not available")
+def test_softmax_child_of_more_classes_than_the_tables_hold_takes_the_online_pass():
+    # past 4096 classes a tabled sum could leave float32's range: every column is online
+    x, weight, logits, _, _, pv = make_layer((3, 9, 5000), "pm1", "small")
+    a = torch.randint(0, 5000, (3,), generator=torch.Generator().manual_seed(1))
+    ref = reference.categorical_log_ratio(x, weight, logits, a, *pv)
+    for dtype in (torch.float32, torch.float64):
+        out = torch.ops.hnca.categorical_log_ratio(x.to(dtype), weight.to(dtype), logits.to(dtype), a, *pv)
+        assert rel_err(ref, out) < TOL[dtype]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_messages_do_not_synchronize():
     # torch raises on any synchronising call (.item(), bool(tensor), a host copy) in this mode
