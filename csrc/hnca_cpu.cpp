@@ -819,23 +819,25 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
 // (online), an exp a term, which no W can overflow.
 
 // Tabled columns: a term is a multiply-add instead of an exp. With m = max_k z_k >= 0 and
-// r_k = e^(z_k - m) per example, and the tables E+-[k, i] = e^(+-w*W[k, i]) (2*K*in exps a call, one
-// per term otherwise):
+// r_k = e^(z_k - m) per example, and the tables E+-[k, i] = e^(+-w*(W[k, i] - c_i)) (2*K*in exps a
+// call, one per term otherwise; c_i centres column i's classes, so |exponent| <= R/2):
 //   lse_k(z_k + Delta*(W[k, i] - W[a, i])) - m = log(r_a + E_-Delta[a, i] * sum_{k != a} r_k E_Delta[k, i]),
-// taken as log1p(...) where a is the top class (r_a = 1): exact to relative rounding, as the online
-// pass is. A column whose classes' weights span R / w with R <= kTabledRange keeps the
-// max-shifted sum at least e^-R, so the r_k flushed to 0 below e^-kFlush lose less than
-// K e^(2R - kFlush) of it (under 1e-11); |w*W| <= kTableBound keeps every table entry, and with
-// K <= kTabledClasses every sum and product, in float32's range (K e^80 < e^88). Other columns
-// take the online pass.
+// taken as log1p(...) where a is the top class (r_a = 1). A column whose classes' weights span
+// R / w with R <= kTabledRange keeps that sum's largest term at least e^-R times the top class's,
+// and the r_k flushed to 0 below e^-flush_exponent<T> (where r_k E_k would leave the normal range)
+// lose less than K e^(R - 74) of it: below float32's rounding for any K up to a thousand, far below
+// float64's. So messages are exact to relative rounding, as the online pass's are, down to
+// terms of about e^-(74 - R) (float32). Other columns take the online pass.
 constexpr double kTabledRange = 25;
-constexpr double kTableBound = 40;
-constexpr double kFlush = 80;
-constexpr int64_t kTabledClasses = 4096;
+
+template <typename T>
+constexpr T flush_exponent() {
+  return std::is_same_v<T, float> ? T(74) : T(700);  // e^-(74 + 12.5) is float32's smallest normal
+}
 
 template <typename T>
 struct CategoricalTables {
-  // [V][Delta = +w, -w][k][stride]: e^(Delta * W[v*K + k, i]); rows a cache line further apart
+  // [V][Delta = +w, -w][k][stride]: e^(Delta * (W[v*K + k, i] - c_i)); rows a cache line further apart
   // than the parents' width (rows of a power-of-two width would share a few cache sets)
   std::vector<T> tables;
   std::vector<uint8_t> tabled;  // [V][vector of parents]: whether the vector's columns are tabled
@@ -848,20 +850,21 @@ CategoricalTables<T> categorical_tables(const T* weight, int64_t in, int64_t cla
   constexpr int L = Vec::size();
   const int64_t vectors = (in + L - 1) / L;
   const int64_t stride = vectors * L + 64 / int64_t(sizeof(T));
-  if (classes > kTabledClasses) return {{}, std::vector<uint8_t>(variables * vectors, 0), stride};
   CategoricalTables<T> t{std::vector<T>(variables * 2 * classes * stride), std::vector<uint8_t>(variables * vectors, 1),
                          stride};
   at::parallel_for(0, variables, 1, [&](int64_t begin, int64_t end) {
     for (int64_t v = begin; v < end; ++v) {
       const T* rows = weight + v * classes * in;
+      std::vector<T> centre(vectors * L, T(0));
       for (int64_t i = 0; i < in; ++i) {
         T top = rows[i], bottom = rows[i];
         for (int64_t k = 1; k < classes; ++k) {
           top = std::max(top, rows[k * in + i]);
           bottom = std::min(bottom, rows[k * in + i]);
         }
-        const bool ok = w * (top - bottom) <= T(kTabledRange) && w * std::max(top, -bottom) <= T(kTableBound);
-        if (!ok) t.tabled[v * vectors + i / L] = 0;  // also for NaN
+        centre[i] = (top + bottom) / 2;
+        // (a NaN weight past class 0 passes unseen here, and reaches the output through the sums)
+        if (!(w * (top - bottom) <= T(kTabledRange))) t.tabled[v * vectors + i / L] = 0;
       }
       for (int64_t sign = 0; sign < 2; ++sign) {
         const Vec delta(sign == 0 ? w : -w);
@@ -869,7 +872,8 @@ CategoricalTables<T> categorical_tables(const T* weight, int64_t in, int64_t cla
           T* table = t.tables.data() + ((v * 2 + sign) * classes + k) * stride;
           for (int64_t i0 = 0; i0 < in; i0 += L) {
             const int64_t count = std::min<int64_t>(L, in - i0);
-            (delta * Vec::loadu(rows + k * in + i0, count)).exp().store(table + i0, count);
+            const Vec centred = Vec::loadu(rows + k * in + i0, count) - Vec::loadu(centre.data() + i0);
+            (delta * centred).exp().store(table + i0, count);
           }
         }
       }
@@ -897,14 +901,14 @@ void categorical_rows(const T* x, const T* weight_all, const T* logits_all, cons
     const T top = l[top_class] - l[a];
     T others = 0, rest = 0;  // the r but a's, and but the top class's
     for (int64_t k = 0; k < classes; ++k) {
-      const T z = l[k] - l[a] - top;
-      r[k] = z < T(-kFlush) ? T(0) : std::exp(z);
+      const T z = l[k] - l[a] - top, e = std::exp(z);
+      r[k] = z < -flush_exponent<T>() ? T(0) : e;
       others += k == a ? T(0) : r[k];
-      rest += k == top_class ? T(0) : r[k];
+      rest += k == top_class ? T(0) : e;  // not flushed: the online pass's lse_actual is exact
     }
     const Vec lse_actual(top + std::log1p(rest));
     const int64_t stride = tables.stride;
-    const T* table = tables.tables.empty() ? nullptr : tables.tables.data() + v * 2 * classes * stride;
+    const T* table = tables.tables.data() + v * 2 * classes * stride;
     const bool a_on_top = top_class == a;
     const T r_a = r[a];
     r[a] = 0;  // the tabled columns' sums leave a's own term out
@@ -1482,7 +1486,7 @@ at::Tensor categorical_sample(const at::Tensor& logits, std::optional<at::Genera
                    logits.scalar_type());
   TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.size(-1) >= 1,
                     "hnca: logits must have a last dimension of at least one class");
-  const at::Tensor cdf = at::softmax(logits.to(at::kFloat), -1).cumsum_(-1);
+  const at::Tensor cdf = at::softmax(logits.to(at::kFloat), -1).cumsum_(-1).contiguous();
   const int64_t classes = cdf.size(-1), rows = cdf.numel() / classes;
   at::Tensor out = at::empty(cdf.sizes().slice(0, cdf.dim() - 1), cdf.options().dtype(at::kLong));
   const float* c = cdf.data_ptr<float>();

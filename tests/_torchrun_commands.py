@@ -10,7 +10,8 @@ seconds on a loaded machine; one launch serves many commands.
 
 Patches (also used in-process by the one-process runs they are compared with):
 - ``fixed-uniforms``: ``torch.rand_like`` returns fixed uniforms (unit j of a row: frac((j + 1) x
-  golden ratio)), so every sample is a function of its logits, whichever rank draws it;
+  golden ratio)), so every sample is a function of its logits, whichever rank draws it (the layers
+  then draw by their torch expressions, which call it, not by the cpp backend's sampling ops);
 - ``nan-loss``: on rank ``rank``, the loss of the VAE's estimate at call ``call`` becomes NaN while
   the gradients stay finite (only that rank can see it);
 - ``device-loop``: the GPU's training loop (``common.DeviceEpoch``, steps that never wait for the
@@ -59,12 +60,14 @@ def _patched(name: str, rank: int, target_rank: int, call: int):
             common.device_loop = real
         return
     if name == "fixed-uniforms":
-        real = torch.rand_like
-        torch.rand_like = fixed_rand_like
+        from hnca_kernels import backends
+
+        real, real_draws = torch.rand_like, backends.draws_in_cpp
+        torch.rand_like, backends.draws_in_cpp = fixed_rand_like, lambda logits: False
         try:
             yield
         finally:
-            torch.rand_like = real
+            torch.rand_like, backends.draws_in_cpp = real, real_draws
         return
     if name == "nan-loss":
         from hnca_kernels.models.vae import BernoulliVAE

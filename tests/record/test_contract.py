@@ -19,7 +19,7 @@ from paths import ROOT  # noqa: E402
 import torch
 import torch.nn as nn
 
-from hnca_kernels import BernoulliLinear, CategoricalLinear, record
+from hnca_kernels import BernoulliLinear, CategoricalLinear, backends, record
 
 from enumeration import estimator_mean_batched, exact_gradient_batched
 
@@ -357,6 +357,9 @@ def test_categorical_samples_never_hit_a_class_of_probability_zero(uniform, monk
     logits = torch.tensor([[-inf, 0.0, 0.0, -inf], [0.0, -inf, -inf, -inf], [-inf, -inf, -inf, 3.0],
                            [-inf, -30.0, -inf, 30.0], [5.0, -inf, 0.0, -inf], [-inf, 88.0, 88.0, -inf]])
     layer = CategoricalLinear(2, 4)
+    # the torch expression draws its uniforms with rand_like (the cpp backend's sampling op draws
+    # the same ones from the generator, tests/layers/test_layers.py)
+    monkeypatch.setattr(backends, "draws_in_cpp", lambda logits: False)
     monkeypatch.setattr(torch, "rand_like", lambda t, **kw: torch.full_like(t, uniform, **kw))
     classes = layer.sample(logits)
     monkeypatch.undo()
@@ -365,6 +368,7 @@ def test_categorical_samples_never_hit_a_class_of_probability_zero(uniform, monk
     policy = CategoricalLinear(2, 4)
     with torch.no_grad():
         policy.bias.copy_(torch.tensor([-inf, 0.0, 1.0, -inf]))
+    monkeypatch.setattr(backends, "draws_in_cpp", lambda logits: False)
     monkeypatch.setattr(torch, "rand_like", lambda t, **kw: torch.full_like(t, uniform, **kw))
     with record() as rec:
         policy(torch.randn(3, 2))
