@@ -126,9 +126,16 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        # Ctrl-C inside the writer can surface as the writer's own cleanup error (torch.save's zip
+        # writer then fails to close): the interrupt is what happened, and the old file is intact
+        cause = error
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__context__
+        if cause is not None and cause is not error:
+            raise cause from None
         raise
     _fsync_dir(path.parent)
 

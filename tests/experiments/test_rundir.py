@@ -265,3 +265,23 @@ def test_nonfinite_values_become_null_with_a_flag(tmp_path):
 def test_ranges():
     assert rundir.ranges([8, 1, 2, 3, 5, 7]) == "1-3, 5, 7-8"
     assert rundir.ranges([4]) == "4" and rundir.ranges([]) == ""
+
+
+def test_an_interrupt_inside_a_write_is_an_interrupt_and_leaves_the_old_file(tmp_path):
+    """Ctrl-C inside torch.save surfaces as the zip writer's own error on closing; atomic_write
+    raises the KeyboardInterrupt (the CLI's exit 130) and leaves the old file."""
+    path = tmp_path / "state.pt"
+    path.write_bytes(b"old")
+
+    def interrupted(f):
+        try:
+            f.write(b"partial")
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("unexpected pos")  # noqa: B012 (what the writer's cleanup does)
+
+    with pytest.raises(KeyboardInterrupt):
+        rundir.atomic_write(path, interrupted)
+    with pytest.raises(RuntimeError, match="disk"):  # other errors stay themselves
+        rundir.atomic_write(path, lambda f: (_ for _ in ()).throw(RuntimeError("disk full")))
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["state.pt"]
