@@ -885,11 +885,10 @@ CategoricalTables<T> categorical_tables(const T* weight, int64_t in, int64_t cla
 template <typename T>
 void categorical_rows(const T* x, const T* weight_all, const T* logits_all, const int64_t* a_all,
                       const CategoricalTables<T>& tables, T* d, int64_t b, int64_t in, int64_t classes,
-                      int64_t variables, T lo, T hi) {
+                      int64_t variables, T lo, T hi, std::vector<T>& r) {  // r: K values of scratch
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   const int64_t vectors = (in + L - 1) / L;
-  std::vector<T> r(classes);
   for (int64_t v = 0; v < variables; ++v) {  // the variables' log-ratios add up
     const T* l = logits_all + (b * variables + v) * classes;
     const T* weight = weight_all + v * classes * in;
@@ -992,8 +991,9 @@ at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weigh
     // a term (one class for one parent) costs an exp (or, tabled, a multiply-add)
     const int64_t grain = std::max<int64_t>(1, kTermsPerThread / 16 / std::max<int64_t>(1, in * classes * variables));
     at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> r(classes);  // once a task, not once an example
       for (int64_t b = begin; b < end; ++b) {
-        categorical_rows<scalar_t>(xp, wp, lp, ap, tables, dp, b, in, classes, variables, scalar_t(lo), scalar_t(hi));
+        categorical_rows<scalar_t>(xp, wp, lp, ap, tables, dp, b, in, classes, variables, scalar_t(lo), scalar_t(hi), r);
       }
     });
   });
