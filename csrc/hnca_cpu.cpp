@@ -22,9 +22,10 @@
 // Layout: the tables are stored block by block, [block of parents][child][record][parent] with a
 // record of rows +, xor (and - with AVX-512), so a block's rows are contiguous (rows of a
 // power-of-two stride fell into a few cache sets: about 2x slower at in = 1024). A task is one
-// block of parents x 32 examples; it walks tiles of at most kMaxChunk children (16 KiB of tables
-// with AVX2, 24 KiB with AVX-512, held in L1), and for each tile every pair of examples runs the
-// loop over the tile's children with its 2 x 4 accumulators in registers.
+// block of parents x 32 examples; it walks tiles of kTile children (16 KiB of tables with AVX2,
+// 24 KiB with AVX-512, held in L1), and for each tile every pair of examples runs the loop over
+// the tile's children with its 2 x 4 accumulators in registers, saved at the tile's end where a
+// chunk goes on into the next tile.
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -63,20 +64,20 @@ using at::vec::Vectorized;
 #endif
 constexpr int kRows = HNCA_ROWS;
 constexpr int kVecs = HNCA_VECS;
-// Bernoulli: examples per task sharing each chunk's tables in L1, and the longest chunk: 32
-// children with AVX-512 (3 rows x 4 vectors each, 24 KiB in float32; 64, 48 KiB, measured slower),
-// 64 with AVX2 (2 rows x 4 vectors, 16 KiB of a 32 KiB L1), where the chunks' ends (a log1p per
-// example and parent) took a fifth of the message at 32 (benchmarks/RESULTS.md).
-// HNCA_MAX_CHUNK overrides it for a build.
+// Examples per task, sharing each tile's tables in L1, and the children of a tile: 32 with
+// AVX-512 (3 rows x 4 vectors each, 24 KiB in float32; 64, 48 KiB, measured slower), 64 with AVX2
+// (2 rows x 4 vectors, 16 KiB of a 32 KiB L1). A chunk runs on across tiles, its accumulators
+// kept between them, so the tile does not set where the chunks end (a log1p per example and
+// parent, a fifth of the message with chunks of 32 children). HNCA_TILE overrides it for a build.
 constexpr int64_t kRowsPerTask = 32;
-#ifndef HNCA_MAX_CHUNK
+#ifndef HNCA_TILE
 #ifdef CPU_CAPABILITY_AVX512
-#define HNCA_MAX_CHUNK 32
+#define HNCA_TILE 32
 #else
-#define HNCA_MAX_CHUNK 64
+#define HNCA_TILE 64
 #endif
 #endif
-constexpr int64_t kMaxChunk = HNCA_MAX_CHUNK;
+constexpr int64_t kTile = HNCA_TILE;
 // A chunk's product may grow to e^kGrowthRange (float32 overflows past e^88; see log1p_inline).
 constexpr double kGrowthRange = 64.0;
 static_assert(kRowsPerTask % kRows == 0, "a task's pairs of rows must be the pairs that share a plan of chunks");
@@ -181,7 +182,10 @@ std::vector<double> child_bounds(const at::Tensor& weight, double w) {
 // log factor (child_bounds for both, or tighter). A chunk's down bounds sum to at most kChunkRange
 // (q = product - 1 loses 1/product ulp: a product must not get small) and its up bounds to at most
 // kGrowthRange (a large product only must not overflow); a child past either (or NaN) is a chunk
-// of its own, wide, and no chunk crosses a multiple of kMaxChunk (the tiles of message_task).
+// of its own, wide. A chunk goes on past a tile's end (message_task) only where it can hold all
+// of the next tile; one that would end inside it ends at its start instead: as many chunks, and
+// a span fewer (each span of a chunk is a call with its accumulators stored and reloaded;
+// Glorot-initialised weights' chunks of ~37 children measured 1.04-1.10x slower run across tiles).
 template <typename B>
 std::vector<Chunk> plan_chunks(const std::vector<B>& down, const std::vector<B>& up) {
   const int64_t out = static_cast<int64_t>(down.size());
@@ -193,13 +197,20 @@ std::vector<Chunk> plan_chunks(const std::vector<B>& down, const std::vector<B>&
     begin = j;
     used_down = used_up = 0.0;
   };
+  // whether the open chunk can take every child of the tile from j (false past a wide or NaN child)
+  auto holds_tile = [&](int64_t j) {
+    double d = used_down, u = used_up;
+    for (int64_t n = j; n < std::min(out, j + kTile); ++n) d += down[n], u += up[n];
+    return d <= kChunkRange && u <= kGrowthRange;
+  };
   for (int64_t j = 0; j < out; ++j) {
+    if (j % kTile == 0 && j > begin && !holds_tile(j)) close(j);
     if (!(down[j] <= kChunkRange && up[j] <= kGrowthRange)) {  // wide (or NaN): alone, in the log domain
       close(j);
       chunks.push_back({j + 1, true});
       begin = j + 1;
     } else {
-      if (used_down + down[j] > kChunkRange || used_up + up[j] > kGrowthRange || j % kMaxChunk == 0) close(j);
+      if (used_down + down[j] > kChunkRange || used_up + up[j] > kGrowthRange) close(j);
       used_down += down[j];
       used_up += up[j];
     }
@@ -572,29 +583,55 @@ Likelier<T> likelier(const Vectorized<T>& z, const Vectorized<T>& fired) {
   return {(one + z.abs().exp()).reciprocal(), Vec::blendv(actual, one - actual, flipped), Vec::blendv(zero, s, flipped)};
 }
 
-// Adds, for ROWS examples from b0 and NV vectors of parents from i0, each flip's change of the
-// log-likelihood of one chunk of children into `change`; `hi_masks` holds where the rows' parents
-// are at hi (both [row][vector][lane], as in message_task). NV < kVecs only in the last block of
-// parents, where the vectors past `in` would be all padding.
+// The children [from, to) of a chunk that one tile runs: the chunk starts at `from` where
+// `first` and ends at `to` where `last`; elsewhere its accumulators wait for the next tile in the
+// task's state ([row][vector][lane], and a second array of the task's rows after it where a
+// message keeps two sums).
+struct Span {
+  int64_t from, to;
+  bool first, last;
+};
+
+// ROWS x NV accumulators: zero where the span starts its chunk, else as the last tile left them.
 template <typename T, int ROWS, int NV>
-void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, const Chunk& chunk, const T* hi_masks,
-                   T* change) {
+void resume(Vectorized<T> (&acc)[ROWS][NV], const Span& span, const T* state) {
+  constexpr int L = Vectorized<T>::size();
+  for (int r = 0; r < ROWS; ++r) {
+    for (int k = 0; k < NV; ++k) {
+      acc[r][k] = span.first ? Vectorized<T>(T(0)) : Vectorized<T>::loadu(state + (r * kVecs + k) * L);
+    }
+  }
+}
+
+template <typename T, int ROWS, int NV>
+void suspend(const Vectorized<T> (&acc)[ROWS][NV], T* state) {
+  constexpr int L = Vectorized<T>::size();
+  for (int r = 0; r < ROWS; ++r) {
+    for (int k = 0; k < NV; ++k) acc[r][k].store(state + (r * kVecs + k) * L);
+  }
+}
+
+// Adds, for ROWS examples from b0 and NV vectors of parents from i0, each flip's change of the
+// log-likelihood of one chunk of children into `change` (the span of it in this tile; see Span);
+// `hi_masks` holds where the rows' parents are at hi (both [row][vector][lane], as in
+// message_task). NV < kVecs only in the last block of parents, where the vectors past `in` would
+// be all padding.
+template <typename T, int ROWS, int NV>
+void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, const Chunk& chunk, const Span& span,
+                   const T* hi_masks, T* change, T* state) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   constexpr int64_t block = kVecs * L;
   Vec is_hi[ROWS][NV], sum[ROWS][NV];
   for (int r = 0; r < ROWS; ++r) {
-    for (int k = 0; k < NV; ++k) {
-      is_hi[r][k] = Vec::loadu(hi_masks + (r * kVecs + k) * L);
-      sum[r][k] = Vec(T(0));
-    }
+    for (int k = 0; k < NV; ++k) is_hi[r][k] = Vec::loadu(hi_masks + (r * kVecs + k) * L);
   }
   const T* tables = p.tables + (i0 / block) * p.out * kRecord * block;
   if (chunk.wide) {
-    // log(u + v*A) = logaddexp(log u, log v + log A), log A = c~
+    // log(u + v*A) = logaddexp(log u, log v + log A), log A = c~ (a chunk of one child: one span)
     for (int r = 0; r < ROWS; ++r) {
-      const int64_t bj = (b0 + r) * p.out + j0;
-      const ChildRows<T> rows = child_rows(tables, j0, mask_of<T>(p.y[bj] > 0), block);
+      const int64_t bj = (b0 + r) * p.out + span.from;
+      const ChildRows<T> rows = child_rows(tables, span.from, mask_of<T>(p.y[bj] > 0), block);
       const Vec lu(p.log_u[bj]), lv(p.log_v[bj]);
       for (int k = 0; k < NV; ++k) {
         const Vec log_a = rows.pick(p.c_rows + k * L, is_hi[r][k]);
@@ -603,9 +640,10 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
       }
     }
   } else {
+    resume(sum, span, state);
     const T* by_pairs[ROWS];
     for (int r = 0; r < ROWS; ++r) by_pairs[r] = p.by_pairs + pair_offset<T>(b0 + r, p.out, 2);
-    for (int64_t j = j0; j < chunk.end; ++j) {
+    for (int64_t j = span.from; j < span.to; ++j) {
       for (int r = 0; r < ROWS; ++r) {
         const T* at = by_pairs[r] + 2 * j * kRows;
         const ChildRows<T> rows = child_rows(tables, j, at[kRows], block);
@@ -616,6 +654,10 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
           sum[r][k] = at::vec::fmadd(a_m1, at::vec::fmadd(v, sum[r][k], v), sum[r][k]);
         }
       }
+    }
+    if (!span.last) {
+      suspend(sum, state);
+      return;
     }
     for (int r = 0; r < ROWS; ++r) {
       for (int k = 0; k < NV; ++k) sum[r][k] = log1p_inline(sum[r][k]);
@@ -631,15 +673,16 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
 }
 
 // One task: examples [b0, b0 + rows) and one block of parents from i0, for either message
-// (BernoulliArgs or EntropyArgs, each with its message_chunk). Tile by tile of kMaxChunk children,
-// every pair of rows (and a last single row) runs its chunks of the tile while the tile's tables
-// are in L1; rows of one pair share their chunks (p.plans).
+// (BernoulliArgs or EntropyArgs, each with its message_chunk). Tile by tile of kTile children,
+// every pair of rows (and a last single row) runs its chunks' spans in the tile while the tile's
+// tables are in L1; rows of one pair share their chunks (p.plans).
 template <typename T, template <typename> class Args>
 void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   const auto row = [](int64_t r) { return r * kVecs * L; };  // row r's place in change and hi_masks
   T change[kRowsPerTask * kVecs * L] = {};  // [row][vector][lane]: the summed change at each flip
+  T state[2 * kRowsPerTask * kVecs * L];     // the accumulators of chunks that go on past a tile
   // [row][vector][lane]: where the parent is at hi, read at every chunk's start. Rows of x a power
   // of two long (in = 1024) put the task's rows of a block in the same two L1 sets.
   alignas(64) T hi_masks[kRowsPerTask * kVecs * L];
@@ -652,35 +695,34 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
   }
   auto run = [&](auto nv) {  // nv: the vectors of this block that hold parents, as a constant
     struct Cursor {
-      const Chunk* next;  // the row's next chunk, from j0
-      int64_t j0;
+      const Chunk* next;  // the row's current chunk, which starts at j0
+      int64_t j0, j;      // and goes on from j
     };
     Cursor cursor[kRowsPerTask];  // one per pair of rows (per row in the last, partial pair)
-    for (int64_t r = 0; r < rows; ++r) cursor[r] = {p.plans[(b0 + r) / p.examples_per_plan].data(), 0};
+    for (int64_t r = 0; r < rows; ++r) cursor[r] = {p.plans[(b0 + r) / p.examples_per_plan].data(), 0, 0};
+    // rows [r, r + ROWS) run their chunks' spans up to the tile's end, by row r's cursor
+    const auto advance = [&](auto ROWS, int64_t r, int64_t end) {
+      for (Cursor& c = cursor[r]; c.j < end;) {
+        const Chunk& chunk = *c.next;
+        const int64_t to = std::min(chunk.end, end);
+        message_chunk<T, ROWS(), nv()>(p, b0 + r, i0, chunk, Span{c.j, to, c.j == c.j0, to == chunk.end},
+                                       hi_masks + row(r), change + row(r), state + row(r));
+        if (to == chunk.end) c.next++, c.j0 = to;
+        c.j = to;
+      }
+    };
     // A block's last vectors of parents (nv < kVecs) give a pair of rows fewer chains than the
     // FMA latency needs (8); where all rows share one plan, groups of rows make up the 8 (a
     // group's rows advance by its first row's cursor).
     constexpr int kGroup = std::max(kRows, 8 / nv());
     const bool grouped = p.examples_per_plan > kRows;  // one plan for every row (see the callers)
-    for (int64_t end = std::min(p.out, kMaxChunk);; end = std::min(p.out, end + kMaxChunk)) {
+    for (int64_t end = std::min(p.out, kTile);; end = std::min(p.out, end + kTile)) {
       int64_t r = 0;
       if constexpr (kGroup > kRows) {
-        for (; grouped && r + kGroup <= rows; r += kGroup) {
-          for (Cursor& c = cursor[r]; c.j0 < end; c.j0 = (c.next++)->end) {
-            message_chunk<T, kGroup, nv()>(p, b0 + r, i0, c.j0, *c.next, hi_masks + row(r), change + row(r));
-          }
-        }
+        for (; grouped && r + kGroup <= rows; r += kGroup) advance(std::integral_constant<int, kGroup>(), r, end);
       }
-      for (; r + kRows <= rows; r += kRows) {
-        for (Cursor& c = cursor[r]; c.j0 < end; c.j0 = (c.next++)->end) {
-          message_chunk<T, kRows, nv()>(p, b0 + r, i0, c.j0, *c.next, hi_masks + row(r), change + row(r));
-        }
-      }
-      for (; r < rows; ++r) {
-        for (Cursor& c = cursor[r]; c.j0 < end; c.j0 = (c.next++)->end) {
-          message_chunk<T, 1, nv()>(p, b0 + r, i0, c.j0, *c.next, hi_masks + row(r), change + row(r));
-        }
-      }
+      for (; r + kRows <= rows; r += kRows) advance(std::integral_constant<int, kRows>(), r, end);
+      for (; r < rows; ++r) advance(std::integral_constant<int, 1>(), r, end);
       if (end == p.out) break;
     }
   };
@@ -1056,24 +1098,21 @@ struct EntropyArgs {
 // Adds, for ROWS examples from b0 and NV vectors of parents from i0, each flip's change of the
 // entropy of one chunk of children into `change` (see the Bernoulli message_chunk).
 template <typename T, int ROWS, int NV>
-void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, const Chunk& chunk, const T* hi_masks,
-                   T* change) {
+void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, const Chunk& chunk, const Span& span,
+                   const T* hi_masks, T* change, T* state) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   constexpr int64_t block = kVecs * L;
+  T* rational_state = state + kRowsPerTask * kVecs * L;
   Vec is_hi[ROWS][NV], q[ROWS][NV], rational[ROWS][NV];
   for (int r = 0; r < ROWS; ++r) {
-    for (int k = 0; k < NV; ++k) {
-      is_hi[r][k] = Vec::loadu(hi_masks + (r * kVecs + k) * L);
-      q[r][k] = Vec(T(0));
-      rational[r][k] = Vec(T(0));
-    }
+    for (int k = 0; k < NV; ++k) is_hi[r][k] = Vec::loadu(hi_masks + (r * kVecs + k) * L);
   }
   const T* tables = p.tables + (i0 / block) * p.out * kRecord * block;
   if (chunk.wide) {
     for (int r = 0; r < ROWS; ++r) {
-      const int64_t bj = (b0 + r) * p.out + j0;
-      const ChildRows<T> rows = child_rows(tables, j0, mask_of<T>(p.logits[bj] > 0), block);
+      const int64_t bj = (b0 + r) * p.out + span.from;
+      const ChildRows<T> rows = child_rows(tables, span.from, mask_of<T>(p.logits[bj] > 0), block);
       const Vec neg_abs_l(-std::abs(p.logits[bj])), h(p.h[bj]);
       for (int k = 0; k < NV; ++k) {
         const Vec c = rows.pick(p.c_rows + k * L, is_hi[r][k]);
@@ -1081,9 +1120,11 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
       }
     }
   } else {
+    resume(q, span, state);
+    resume(rational, span, rational_state);
     const T* by_pairs[ROWS];
     for (int r = 0; r < ROWS; ++r) by_pairs[r] = p.by_pairs + pair_offset<T>(b0 + r, p.out, 3);
-    for (int64_t j = j0; j < chunk.end; ++j) {
+    for (int64_t j = span.from; j < span.to; ++j) {
       for (int r = 0; r < ROWS; ++r) {
         const T* at = by_pairs[r] + 3 * j * kRows;
         const ChildRows<T> rows = child_rows(tables, j, at[2 * kRows], block);
@@ -1097,6 +1138,11 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
           rational[r][k] = at::vec::fmadd(numerator, reciprocal(Vec(T(1)) + delta), rational[r][k]);
         }
       }
+    }
+    if (!span.last) {
+      suspend(q, state);
+      suspend(rational, rational_state);
+      return;
     }
     for (int r = 0; r < ROWS; ++r) {
       for (int k = 0; k < NV; ++k) q[r][k] = log1p_inline(q[r][k]) - rational[r][k];

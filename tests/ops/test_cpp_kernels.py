@@ -210,6 +210,28 @@ def test_many_chunks(backend, device):
         assert rel_err(reference.entropy_delta(x, weight, logits, -1.0, 1.0), out.cpu()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "one-wide"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_chunks_running_across_tiles(backend, device, wide):
+    # weights so small that one chunk could hold all 300 children: it runs on across the kernels'
+    # tiles of children (64 or 32), its sums kept from one tile to the next; a wide child (150)
+    # ends one run and the next starts after it; the batch is odd (a last single row)
+    g = torch.Generator().manual_seed(4)
+    x = torch.where(torch.rand(9, 70, generator=g) < 0.5, -1.0, 1.0).double()
+    weight = torch.randn(300, 70, generator=g).double() * 2e-3
+    if wide:
+        weight[150] *= 1e4
+    logits = x @ weight.t() + torch.randn(300, generator=g).double()
+    y = torch.where(torch.rand(logits.shape, generator=g) < torch.sigmoid(logits), 1.0, -1.0).double()
+    ref = reference.bernoulli_log_ratio(x, weight, logits, y, -1.0, 1.0)
+    for dtype, out in messages_by_dtype(backend, device, x, weight, logits, y, -1.0, 1.0):
+        assert rel_err(ref, out) < TOL[dtype]
+    for dtype in (torch.float32, torch.float64):
+        args = [t.to(device=device, dtype=dtype) for t in (x, weight, logits)]
+        out = Fn.counterfactual_entropy_delta(*args, parent_values=(-1.0, 1.0), backend=backend)
+        assert rel_err(reference.entropy_delta(x, weight, logits, -1.0, 1.0), out.cpu()) < TOL[dtype]
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_categorical_both_forms(backend, device):
     # columns with a small spread (the two-GEMM form on a GPU) and a wide one (logsumexp), classes
