@@ -4,7 +4,7 @@ variant once, and each ratio is the median over rounds of the ratio within a rou
 whose speed drifts, or that other jobs share, hits all variants alike).
 
     python benchmarks/kernel_variants.py AVX2: AVX2:HNCA_ROWS=1 AVX512:
-    python benchmarks/kernel_variants.py --shape 50x200x200 AVX2: AVX2:HNCA_TILE=32
+    python benchmarks/kernel_variants.py --shape 50x200x200 AVX2: AVX2:HNCA_MAX_CHUNK=32
     python benchmarks/kernel_variants.py AVX2@HEAD~1: AVX2:
     python benchmarks/kernel_variants.py --op categorical --shape 50x200x784 --regime confident AVX512@HEAD~1: AVX512:
 

@@ -3,13 +3,16 @@
 // The reference (hnca_kernels/ops/reference.py) evaluates two log-sigmoids per (b, i, j). The
 // Bernoulli message here uses docs/math.md, section 1: with v = sigmoid(-s*l) per (example, child) and
 // the tables expm1(+w*W), expm1(-w*W) computed once per call, each term is -log(1 + delta) with
-// delta = v * (A - 1), A - 1 read from one of the two tables. The factors 1 + delta of a chunk of
-// children are multiplied as q = prod - 1 (q <- q + delta + q*delta), and one vector log1p(q) per
-// chunk replaces a log per term. Keeping q rather than the product keeps messages near 0 exact to
-// relative rounding (saturated children send tiny terms), but its error grows as 1/prod; a chunk
-// therefore ends before the summed bounds of its factors' |log| would pass kChunkRange, so every
-// partial product lies in [e^-4, e^4]. The bound of a factor is w*max_i|W[j, i]|. Where those
-// bounds cut the chunks short (a trained model's weights), the messages first score each child
+// delta = v * (A - 1), A - 1 read from one of the two tables. The factors 1 + delta are multiplied
+// as q = prod - 1 (q <- q + delta + q*delta), and one vector log1p(q) per example and parent
+// replaces a log per term. Keeping q rather than the product keeps messages near 0 exact to
+// relative rounding (saturated children send tiny terms), but its error grows as 1/prod; so the
+// children are cut into chunks, each ending before the summed bounds of its factors' |log| would
+// pass kChunkRange, and at each chunk's end chunk_log moves the product's power of two into the
+// sum of logs (float32 with AVX2 or AVX-512; elsewhere all of log1p(q), leaving q = 0), which
+// leaves it in [sqrt(1/2), sqrt(2)): every partial product lies in [e^-4 / sqrt(2), sqrt(2) e^64].
+// The bound of a factor is w*max_i|W[j, i]|. Where those bounds cut the chunks short (a trained
+// model's weights), the messages first score each child
 // unlikely under the actual parents as if it had the other outcome (u + v*A = A*(v + u/A): the
 // other outcome's factor times A, whose log is linear in W and added by one matrix product), so
 // that v <= 1/2 and no factor is below 1/2; then the bounds of a factor's fall (2v(1 - e^-r),
@@ -22,10 +25,9 @@
 // Layout: the tables are stored block by block, [block of parents][child][record][parent] with a
 // record of rows +, xor (and - with AVX-512), so a block's rows are contiguous (rows of a
 // power-of-two stride fell into a few cache sets: about 2x slower at in = 1024). A task is one
-// block of parents x 32 examples; it walks tiles of kTile children (16 KiB of tables with AVX2,
-// 24 KiB with AVX-512, held in L1), and for each tile every pair of examples runs the loop over
-// the tile's children with its 2 x 4 accumulators in registers, saved at the tile's end where a
-// chunk goes on into the next tile.
+// block of parents x 32 examples; it walks tiles of at most kMaxChunk children (16 KiB of tables
+// with AVX2, 24 KiB with AVX-512, held in L1), and for each tile every pair of examples runs the
+// loop over the tile's children with its 2 x 4 accumulators in registers.
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -64,20 +66,20 @@ using at::vec::Vectorized;
 #endif
 constexpr int kRows = HNCA_ROWS;
 constexpr int kVecs = HNCA_VECS;
-// Examples per task, sharing each tile's tables in L1, and the children of a tile: 32 with
-// AVX-512 (3 rows x 4 vectors each, 24 KiB in float32; 64, 48 KiB, measured slower), 64 with AVX2
-// (2 rows x 4 vectors, 16 KiB of a 32 KiB L1). A chunk runs on across tiles, its accumulators
-// kept between them, so the tile does not set where the chunks end (a log1p per example and
-// parent, a fifth of the message with chunks of 32 children). HNCA_TILE overrides it for a build.
+// Bernoulli: examples per task sharing each chunk's tables in L1, and the longest chunk: 32
+// children with AVX-512 (3 rows x 4 vectors each, 24 KiB in float32; 64, 48 KiB, measured slower),
+// 64 with AVX2 (2 rows x 4 vectors, 16 KiB of a 32 KiB L1), where the chunks' ends (a log1p per
+// example and parent) took a fifth of the message at 32 (benchmarks/RESULTS.md).
+// HNCA_MAX_CHUNK overrides it for a build.
 constexpr int64_t kRowsPerTask = 32;
-#ifndef HNCA_TILE
+#ifndef HNCA_MAX_CHUNK
 #ifdef CPU_CAPABILITY_AVX512
-#define HNCA_TILE 32
+#define HNCA_MAX_CHUNK 32
 #else
-#define HNCA_TILE 64
+#define HNCA_MAX_CHUNK 64
 #endif
 #endif
-constexpr int64_t kTile = HNCA_TILE;
+constexpr int64_t kMaxChunk = HNCA_MAX_CHUNK;
 // A chunk's product may grow to e^kGrowthRange (float32 overflows past e^88; see log1p_inline).
 constexpr double kGrowthRange = 64.0;
 static_assert(kRowsPerTask % kRows == 0, "a task's pairs of rows must be the pairs that share a plan of chunks");
@@ -182,10 +184,7 @@ std::vector<double> child_bounds(const at::Tensor& weight, double w) {
 // log factor (child_bounds for both, or tighter). A chunk's down bounds sum to at most kChunkRange
 // (q = product - 1 loses 1/product ulp: a product must not get small) and its up bounds to at most
 // kGrowthRange (a large product only must not overflow); a child past either (or NaN) is a chunk
-// of its own, wide. A chunk goes on past a tile's end (message_task) only where it can hold all
-// of the next tile; one that would end inside it ends at its start instead: as many chunks, and
-// a span fewer (each span of a chunk is a call with its accumulators stored and reloaded;
-// Glorot-initialised weights' chunks of ~37 children measured 1.04-1.10x slower run across tiles).
+// of its own, wide, and no chunk crosses a multiple of kMaxChunk (the tiles of message_task).
 template <typename B>
 std::vector<Chunk> plan_chunks(const std::vector<B>& down, const std::vector<B>& up) {
   const int64_t out = static_cast<int64_t>(down.size());
@@ -197,20 +196,13 @@ std::vector<Chunk> plan_chunks(const std::vector<B>& down, const std::vector<B>&
     begin = j;
     used_down = used_up = 0.0;
   };
-  // whether the open chunk can take every child of the tile from j (false past a wide or NaN child)
-  auto holds_tile = [&](int64_t j) {
-    double d = used_down, u = used_up;
-    for (int64_t n = j; n < std::min(out, j + kTile); ++n) d += down[n], u += up[n];
-    return d <= kChunkRange && u <= kGrowthRange;
-  };
   for (int64_t j = 0; j < out; ++j) {
-    if (j % kTile == 0 && j > begin && !holds_tile(j)) close(j);
     if (!(down[j] <= kChunkRange && up[j] <= kGrowthRange)) {  // wide (or NaN): alone, in the log domain
       close(j);
       chunks.push_back({j + 1, true});
       begin = j + 1;
     } else {
-      if (used_down + down[j] > kChunkRange || used_up + up[j] > kGrowthRange) close(j);
+      if (used_down + down[j] > kChunkRange || used_up + up[j] > kGrowthRange || j % kMaxChunk == 0) close(j);
       used_down += down[j];
       used_up += up[j];
     }
@@ -236,6 +228,17 @@ Vectorized<T> expm1_nonnegative(const Vectorized<T>& x) {
 template <typename T>
 Vectorized<T> log1p_inline(const Vectorized<T>& q) {
   return q.log1p();
+}
+
+// A chunk's end: takes part of log(1 + q) out of the product q (= product - 1) and returns it,
+// leaving 1 + q within [1/2, 2], where the next chunk's products lose no more to q's rounding
+// than a fresh chunk's (see kChunkRange); the rest of the log is taken at the row's end. Here
+// all of it (q = 0 after); float32 with AVX2 or AVX-512 takes only the exponent (below).
+template <typename T>
+Vectorized<T> chunk_log(Vectorized<T>& q) {
+  const Vectorized<T> log = log1p_inline(q);
+  q = Vectorized<T>(T(0));
+  return log;
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -274,8 +277,13 @@ inline IntReg int_add(IntReg a, IntReg b) { return _mm256_add_epi32(a, b); }
 inline IntReg int_splat(int a) { return _mm256_set1_epi32(a); }
 #endif
 
-template <>
-inline Vectorized<float> log1p_inline(const Vectorized<float>& q) {
+// 1 + q = 2^k (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)): (f, k), f to q's relative rounding
+// where k = 0 (then f = q exactly)
+struct Exponent {
+  Vectorized<float> f, k;
+};
+
+inline Exponent split_exponent(const Vectorized<float>& q) {
   using Vec = Vectorized<float>;
   const Vec one(1.f);
   const Vec u = one + q;
@@ -285,17 +293,36 @@ inline Vectorized<float> log1p_inline(const Vectorized<float>& q) {
   const IntReg k_field = to_exponent_field(k);
   const Vec m(float_of(int_sub(bits_of(u), k_field)));
   const Vec two_to_minus_k(float_of(int_sub(bits_of(one), k_field)));
-  const Vec f = at::vec::fmadd(e, two_to_minus_k, m - one);
+  return {at::vec::fmadd(e, two_to_minus_k, m - one), Vec(int_to_float(k))};
+}
+
+// k*ln2 in two parts (ln2_hi has 9 significant bits, so k*ln2_hi is exact for |k| < 2^15), plus x
+inline Vectorized<float> k_ln2_plus(const Vectorized<float>& kf, const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  return at::vec::fmadd(kf, Vec(0.693359375f), at::vec::fmadd(kf, Vec(-2.12194440e-4f), x));
+}
+
+// the exponent's part of the log alone: 13 instructions where log1p_inline takes about 30, and
+// 1 + q in [sqrt(1/2), sqrt(2)) after
+template <>
+inline Vectorized<float> chunk_log(Vectorized<float>& q) {
+  const Exponent split = split_exponent(q);
+  q = split.f;
+  return k_ln2_plus(split.k, Vectorized<float>(0.f));
+}
+
+template <>
+inline Vectorized<float> log1p_inline(const Vectorized<float>& q) {
+  using Vec = Vectorized<float>;
+  const Exponent split = split_exponent(q);
+  const Vec f = split.f;
   const Vec z = f * f;
   Vec p(7.0376836292e-2f);
   for (const float c : {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
                         -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f}) {
     p = at::vec::fmadd(p, f, Vec(c));
   }
-  const Vec log1p_f = f + at::vec::fmadd(Vec(-0.5f), z, f * z * p);
-  // k*ln2 in two parts (ln2_hi has 9 significant bits, so k*ln2_hi is exact for |k| < 2^15)
-  const Vec kf(int_to_float(k));
-  return at::vec::fmadd(kf, Vec(0.693359375f), at::vec::fmadd(kf, Vec(-2.12194440e-4f), log1p_f));
+  return k_ln2_plus(split.k, f + at::vec::fmadd(Vec(-0.5f), z, f * z * p));
 }
 
 // float32, inline: x = k*ln2 + r with k = round(x / ln2) (at most 127) and |r| <= ln2/2 (up to
@@ -493,6 +520,7 @@ void store_by_pairs(T* by_pairs, int64_t b, int64_t out, F value) {
 
 template <typename T>
 struct BernoulliArgs {
+  static constexpr int kLogSign = -1;  // the change is minus the log of the factors' product
   const T* x;          // [B, in]
   const T* tables;     // [2, blocks, out, kRecord, block] (message_tables)
   int64_t c_rows;      // offset of the c rows: table_size(in, out, block)
@@ -583,55 +611,33 @@ Likelier<T> likelier(const Vectorized<T>& z, const Vectorized<T>& fired) {
   return {(one + z.abs().exp()).reciprocal(), Vec::blendv(actual, one - actual, flipped), Vec::blendv(zero, s, flipped)};
 }
 
-// The children [from, to) of a chunk that one tile runs: the chunk starts at `from` where
-// `first` and ends at `to` where `last`; elsewhere its accumulators wait for the next tile in the
-// task's state ([row][vector][lane], and a second array of the task's rows after it where a
-// message keeps two sums).
-struct Span {
-  int64_t from, to;
-  bool first, last;
-};
-
-// ROWS x NV accumulators: zero where the span starts its chunk, else as the last tile left them.
+// ROWS x NV vectors at `at`, [row][vector][lane] (the layout of message_task's arrays)
 template <typename T, int ROWS, int NV>
-void resume(Vectorized<T> (&acc)[ROWS][NV], const Span& span, const T* state) {
-  constexpr int L = Vectorized<T>::size();
+void load_rows(Vectorized<T> (&acc)[ROWS][NV], const T* at) {
   for (int r = 0; r < ROWS; ++r) {
-    for (int k = 0; k < NV; ++k) {
-      acc[r][k] = span.first ? Vectorized<T>(T(0)) : Vectorized<T>::loadu(state + (r * kVecs + k) * L);
-    }
-  }
-}
-
-template <typename T, int ROWS, int NV>
-void suspend(const Vectorized<T> (&acc)[ROWS][NV], T* state) {
-  constexpr int L = Vectorized<T>::size();
-  for (int r = 0; r < ROWS; ++r) {
-    for (int k = 0; k < NV; ++k) acc[r][k].store(state + (r * kVecs + k) * L);
+    for (int k = 0; k < NV; ++k) acc[r][k] = Vectorized<T>::loadu(at + (r * kVecs + k) * Vectorized<T>::size());
   }
 }
 
 // Adds, for ROWS examples from b0 and NV vectors of parents from i0, each flip's change of the
-// log-likelihood of one chunk of children into `change` (the span of it in this tile; see Span);
-// `hi_masks` holds where the rows' parents are at hi (both [row][vector][lane], as in
-// message_task). NV < kVecs only in the last block of parents, where the vectors past `in` would
-// be all padding.
+// log-likelihood of one chunk of children into `change` and `q` (the product of the row's factors
+// so far, less what chunk_log took into `change`); `hi_masks` holds where the rows' parents are
+// at hi (all three [row][vector][lane], as in message_task). NV < kVecs only in the last block of
+// parents, where the vectors past `in` would be all padding.
 template <typename T, int ROWS, int NV>
-void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, const Chunk& chunk, const Span& span,
-                   const T* hi_masks, T* change, T* state) {
+void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, const Chunk& chunk, const T* hi_masks,
+                   T* change, T* q) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   constexpr int64_t block = kVecs * L;
   Vec is_hi[ROWS][NV], sum[ROWS][NV];
-  for (int r = 0; r < ROWS; ++r) {
-    for (int k = 0; k < NV; ++k) is_hi[r][k] = Vec::loadu(hi_masks + (r * kVecs + k) * L);
-  }
+  load_rows(is_hi, hi_masks);
   const T* tables = p.tables + (i0 / block) * p.out * kRecord * block;
   if (chunk.wide) {
-    // log(u + v*A) = logaddexp(log u, log v + log A), log A = c~ (a chunk of one child: one span)
+    // log(u + v*A) = logaddexp(log u, log v + log A), log A = c~
     for (int r = 0; r < ROWS; ++r) {
-      const int64_t bj = (b0 + r) * p.out + span.from;
-      const ChildRows<T> rows = child_rows(tables, span.from, mask_of<T>(p.y[bj] > 0), block);
+      const int64_t bj = (b0 + r) * p.out + j0;
+      const ChildRows<T> rows = child_rows(tables, j0, mask_of<T>(p.y[bj] > 0), block);
       const Vec lu(p.log_u[bj]), lv(p.log_v[bj]);
       for (int k = 0; k < NV; ++k) {
         const Vec log_a = rows.pick(p.c_rows + k * L, is_hi[r][k]);
@@ -640,27 +646,28 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, const Chun
       }
     }
   } else {
-    resume(sum, span, state);
+    load_rows(sum, q);
     const T* by_pairs[ROWS];
     for (int r = 0; r < ROWS; ++r) by_pairs[r] = p.by_pairs + pair_offset<T>(b0 + r, p.out, 2);
-    for (int64_t j = span.from; j < span.to; ++j) {
+    for (int64_t j = j0; j < chunk.end; ++j) {
       for (int r = 0; r < ROWS; ++r) {
         const T* at = by_pairs[r] + 2 * j * kRows;
         const ChildRows<T> rows = child_rows(tables, j, at[kRows], block);
         const Vec v(at[0]);
         for (int k = 0; k < NV; ++k) {
-          // q <- q + delta*(1 + q) with delta = v*(A - 1); sum holds q until the chunk ends
+          // q <- q + delta*(1 + q) with delta = v*(A - 1)
           const Vec a_m1 = rows.pick(k * L, is_hi[r][k]);
           sum[r][k] = at::vec::fmadd(a_m1, at::vec::fmadd(v, sum[r][k], v), sum[r][k]);
         }
       }
     }
-    if (!span.last) {
-      suspend(sum, state);
-      return;
-    }
+    // the product goes on into the next chunk, less the part of its log taken here
     for (int r = 0; r < ROWS; ++r) {
-      for (int k = 0; k < NV; ++k) sum[r][k] = log1p_inline(sum[r][k]);
+      for (int k = 0; k < NV; ++k) {
+        Vec product = sum[r][k];
+        sum[r][k] = chunk_log(product);
+        product.store(q + (r * kVecs + k) * L);
+      }
     }
   }
   // each factor is pi(y | actual) / pi(y | flipped): the change is minus its log
@@ -673,16 +680,18 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, const Chun
 }
 
 // One task: examples [b0, b0 + rows) and one block of parents from i0, for either message
-// (BernoulliArgs or EntropyArgs, each with its message_chunk). Tile by tile of kTile children,
-// every pair of rows (and a last single row) runs its chunks' spans in the tile while the tile's
-// tables are in L1; rows of one pair share their chunks (p.plans).
+// (BernoulliArgs or EntropyArgs, each with its message_chunk). Tile by tile of kMaxChunk children,
+// every pair of rows (and a last single row) runs its chunks of the tile while the tile's tables
+// are in L1; rows of one pair share their chunks (p.plans).
 template <typename T, template <typename> class Args>
 void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   const auto row = [](int64_t r) { return r * kVecs * L; };  // row r's place in change and hi_masks
   T change[kRowsPerTask * kVecs * L] = {};  // [row][vector][lane]: the summed change at each flip
-  T state[2 * kRowsPerTask * kVecs * L];     // the accumulators of chunks that go on past a tile
+  // [row][vector][lane]: the product of the factors so far as q = product - 1, less the logs that
+  // chunk_log took out into `change` (its log1p is the rest of the change, taken at the end)
+  T product[kRowsPerTask * kVecs * L] = {};
   // [row][vector][lane]: where the parent is at hi, read at every chunk's start. Rows of x a power
   // of two long (in = 1024) put the task's rows of a block in the same two L1 sets.
   alignas(64) T hi_masks[kRowsPerTask * kVecs * L];
@@ -695,34 +704,38 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
   }
   auto run = [&](auto nv) {  // nv: the vectors of this block that hold parents, as a constant
     struct Cursor {
-      const Chunk* next;  // the row's current chunk, which starts at j0
-      int64_t j0, j;      // and goes on from j
+      const Chunk* next;  // the row's next chunk, from j0
+      int64_t j0;
     };
     Cursor cursor[kRowsPerTask];  // one per pair of rows (per row in the last, partial pair)
-    for (int64_t r = 0; r < rows; ++r) cursor[r] = {p.plans[(b0 + r) / p.examples_per_plan].data(), 0, 0};
-    // rows [r, r + ROWS) run their chunks' spans up to the tile's end, by row r's cursor
-    const auto advance = [&](auto ROWS, int64_t r, int64_t end) {
-      for (Cursor& c = cursor[r]; c.j < end;) {
-        const Chunk& chunk = *c.next;
-        const int64_t to = std::min(chunk.end, end);
-        message_chunk<T, ROWS(), nv()>(p, b0 + r, i0, chunk, Span{c.j, to, c.j == c.j0, to == chunk.end},
-                                       hi_masks + row(r), change + row(r), state + row(r));
-        if (to == chunk.end) c.next++, c.j0 = to;
-        c.j = to;
-      }
-    };
+    for (int64_t r = 0; r < rows; ++r) cursor[r] = {p.plans[(b0 + r) / p.examples_per_plan].data(), 0};
     // A block's last vectors of parents (nv < kVecs) give a pair of rows fewer chains than the
     // FMA latency needs (8); where all rows share one plan, groups of rows make up the 8 (a
     // group's rows advance by its first row's cursor).
     constexpr int kGroup = std::max(kRows, 8 / nv());
     const bool grouped = p.examples_per_plan > kRows;  // one plan for every row (see the callers)
-    for (int64_t end = std::min(p.out, kTile);; end = std::min(p.out, end + kTile)) {
+    for (int64_t end = std::min(p.out, kMaxChunk);; end = std::min(p.out, end + kMaxChunk)) {
       int64_t r = 0;
       if constexpr (kGroup > kRows) {
-        for (; grouped && r + kGroup <= rows; r += kGroup) advance(std::integral_constant<int, kGroup>(), r, end);
+        for (; grouped && r + kGroup <= rows; r += kGroup) {
+          for (Cursor& c = cursor[r]; c.j0 < end; c.j0 = (c.next++)->end) {
+            message_chunk<T, kGroup, nv()>(p, b0 + r, i0, c.j0, *c.next, hi_masks + row(r), change + row(r),
+                                          product + row(r));
+          }
+        }
       }
-      for (; r + kRows <= rows; r += kRows) advance(std::integral_constant<int, kRows>(), r, end);
-      for (; r < rows; ++r) advance(std::integral_constant<int, 1>(), r, end);
+      for (; r + kRows <= rows; r += kRows) {
+        for (Cursor& c = cursor[r]; c.j0 < end; c.j0 = (c.next++)->end) {
+          message_chunk<T, kRows, nv()>(p, b0 + r, i0, c.j0, *c.next, hi_masks + row(r), change + row(r),
+                                          product + row(r));
+        }
+      }
+      for (; r < rows; ++r) {
+        for (Cursor& c = cursor[r]; c.j0 < end; c.j0 = (c.next++)->end) {
+          message_chunk<T, 1, nv()>(p, b0 + r, i0, c.j0, *c.next, hi_masks + row(r), change + row(r),
+                                          product + row(r));
+        }
+      }
       if (end == p.out) break;
     }
   };
@@ -740,7 +753,8 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
       const int64_t count = std::clamp<int64_t>(p.in - i0 - k * L, 0, L);
       if (count > 0) {
         const Vec is_hi = Vec::loadu(hi_masks + row(r) + k * L);
-        const Vec sum = Vec::loadu(change + row(r) + k * L);
+        const Vec rest = log1p_inline(Vec::loadu(product + row(r) + k * L));
+        const Vec sum = Vec::loadu(change + row(r) + k * L) + Vec(T(Args<T>::kLogSign)) * rest;
         Vec::blendv(sum, sum.neg(), is_hi).store(p.d + (b0 + r) * p.in + i0 + k * L, count);
       }
     }
@@ -1083,6 +1097,7 @@ Vectorized<float> reciprocal(const Vectorized<float>& x) {
 
 template <typename T>
 struct EntropyArgs {
+  static constexpr int kLogSign = 1;  // the change is the log of the product of the D plus the rest
   const T* x;          // [B, in]
   const T* tables;     // [2, blocks, out, kRecord, block] (message_tables)
   int64_t c_rows;      // offset of the c rows: table_size(in, out, block)
@@ -1096,23 +1111,21 @@ struct EntropyArgs {
 };
 
 // Adds, for ROWS examples from b0 and NV vectors of parents from i0, each flip's change of the
-// entropy of one chunk of children into `change` (see the Bernoulli message_chunk).
+// entropy of one chunk of children into `change` and `product` (the q of the terms' logs D; see
+// the Bernoulli message_chunk).
 template <typename T, int ROWS, int NV>
-void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, const Chunk& chunk, const Span& span,
-                   const T* hi_masks, T* change, T* state) {
+void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, const Chunk& chunk, const T* hi_masks,
+                   T* change, T* product) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   constexpr int64_t block = kVecs * L;
-  T* rational_state = state + kRowsPerTask * kVecs * L;
   Vec is_hi[ROWS][NV], q[ROWS][NV], rational[ROWS][NV];
-  for (int r = 0; r < ROWS; ++r) {
-    for (int k = 0; k < NV; ++k) is_hi[r][k] = Vec::loadu(hi_masks + (r * kVecs + k) * L);
-  }
+  load_rows(is_hi, hi_masks);
   const T* tables = p.tables + (i0 / block) * p.out * kRecord * block;
   if (chunk.wide) {
     for (int r = 0; r < ROWS; ++r) {
-      const int64_t bj = (b0 + r) * p.out + span.from;
-      const ChildRows<T> rows = child_rows(tables, span.from, mask_of<T>(p.logits[bj] > 0), block);
+      const int64_t bj = (b0 + r) * p.out + j0;
+      const ChildRows<T> rows = child_rows(tables, j0, mask_of<T>(p.logits[bj] > 0), block);
       const Vec neg_abs_l(-std::abs(p.logits[bj])), h(p.h[bj]);
       for (int k = 0; k < NV; ++k) {
         const Vec c = rows.pick(p.c_rows + k * L, is_hi[r][k]);
@@ -1120,11 +1133,13 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, const Chunk&
       }
     }
   } else {
-    resume(q, span, state);
-    resume(rational, span, rational_state);
+    load_rows(q, product);
+    for (int r = 0; r < ROWS; ++r) {
+      for (int k = 0; k < NV; ++k) rational[r][k] = Vec(T(0));
+    }
     const T* by_pairs[ROWS];
     for (int r = 0; r < ROWS; ++r) by_pairs[r] = p.by_pairs + pair_offset<T>(b0 + r, p.out, 3);
-    for (int64_t j = span.from; j < span.to; ++j) {
+    for (int64_t j = j0; j < chunk.end; ++j) {
       for (int r = 0; r < ROWS; ++r) {
         const T* at = by_pairs[r] + 3 * j * kRows;
         const ChildRows<T> rows = child_rows(tables, j, at[2 * kRows], block);
@@ -1139,13 +1154,12 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, const Chunk&
         }
       }
     }
-    if (!span.last) {
-      suspend(q, state);
-      suspend(rational, rational_state);
-      return;
-    }
     for (int r = 0; r < ROWS; ++r) {
-      for (int k = 0; k < NV; ++k) q[r][k] = log1p_inline(q[r][k]) - rational[r][k];
+      for (int k = 0; k < NV; ++k) {
+        Vec goes_on = q[r][k];
+        q[r][k] = chunk_log(goes_on) - rational[r][k];
+        goes_on.store(product + (r * kVecs + k) * L);
+      }
     }
   }
   for (int r = 0; r < ROWS; ++r) {
