@@ -1286,8 +1286,8 @@ void categorical_parent_block(const CategoricalParentArgs<T>& p, const std::vect
   const int64_t out = p.out, K = p.classes, Bp = p.padded_batch;
   const T* expm1_fired = p.tables + v * out * K;
   const T* expm1_silent = p.tables + (p.variables + v) * out * K;
-  Vec total[NK], q[NK];
-  for (int k = 0; k < NK; ++k) total[k] = Vec(T(0));
+  Vec total[NK], q[NK];  // q: the product of the factors so far less what chunk_log took (-1)
+  for (int k = 0; k < NK; ++k) total[k] = q[k] = Vec(T(0));
   int64_t j0 = 0;
   for (const Chunk& chunk : chunks) {
     if (chunk.wide) {
@@ -1300,7 +1300,6 @@ void categorical_parent_block(const CategoricalParentArgs<T>& p, const std::vect
         total[k] = total[k] + log_sigmoid(Vec::blendv(z.neg(), z, fired)) - now;
       }
     } else {
-      for (int k = 0; k < NK; ++k) q[k] = Vec(T(0));
       for (int64_t j = j0; j < chunk.end; ++j) {
         const Vec vj = Vec::loadu(sig + j * Bp + b0);
         const Vec fired = Vec::loadu(fired_all + j * Bp + b0) > Vec(T(0));
@@ -1312,11 +1311,11 @@ void categorical_parent_block(const CategoricalParentArgs<T>& p, const std::vect
         }
       }
       // each factor is pi(y | base) / pi(y | base + W): the change is minus its log
-      for (int k = 0; k < NK; ++k) total[k] = total[k] - log1p_inline(q[k]);
+      for (int k = 0; k < NK; ++k) total[k] = total[k] - chunk_log(q[k]);
     }
     j0 = chunk.end;
   }
-  for (int k = 0; k < NK; ++k) total[k].store(p.m + (v * K + k0 + k) * Bp + b0);
+  for (int k = 0; k < NK; ++k) (total[k] - log1p_inline(q[k])).store(p.m + (v * K + k0 + k) * Bp + b0);
 }
 
 // Variable v's chunks: by its weights' bounds r_j = max_k |W[j, vK + k]|, and where those cut
