@@ -10,8 +10,9 @@
 namespace hnca {
 
 // A chunk of children whose summed bound w*max_i|W[j, i]| stays within kChunkRange keeps every
-// partial product of its factors within e^4 of the product it starts from (1; in the CPU kernels
-// within [sqrt(1/2), sqrt(2)]), where q = product - 1 loses at most e^4 (sqrt(2) e^4) ulp.
+// partial product of its factors within e^4 of the product it starts from (1; in the CPU kernels'
+// float32 with AVX2 or AVX-512, within [sqrt(1/2), sqrt(2))), where q = product - 1 loses at most
+// e^4 (sqrt(2) e^4) ulp.
 // 4 still lets chunks of Glorot-initialised 1024-wide layers (w*max|W| ~ 0.11 with +-1 units)
 // hold ~37 children, so a chunk's end costs little beside the products.
 constexpr double kChunkRange = 4.0;

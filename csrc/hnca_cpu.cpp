@@ -68,8 +68,8 @@ constexpr int kRows = HNCA_ROWS;
 constexpr int kVecs = HNCA_VECS;
 // Bernoulli: examples per task sharing each chunk's tables in L1, and the longest chunk: 32
 // children with AVX-512 (3 rows x 4 vectors each, 24 KiB in float32; 64, 48 KiB, measured slower),
-// 64 with AVX2 (2 rows x 4 vectors, 16 KiB of a 32 KiB L1), where the chunks' ends (a log1p per
-// example and parent) took a fifth of the message at 32 (benchmarks/RESULTS.md).
+// 64 with AVX2 (2 rows x 4 vectors, 16 KiB of a 32 KiB L1), where the chunks' ends (then a log1p
+// per example and parent) took a fifth of the message at 32 (benchmarks/RESULTS.md).
 // HNCA_MAX_CHUNK overrides it for a build.
 constexpr int64_t kRowsPerTask = 32;
 #ifndef HNCA_MAX_CHUNK
@@ -223,17 +223,19 @@ Vectorized<T> expm1_nonnegative(const Vectorized<T>& x) {
   return x.expm1();
 }
 
-// log1p(q) for q in [-1/2, 2^126] (or NaN): a chunk's product (q in [e^-4 - 1, e^64 - 1]), the one
-// transcendental per chunk and (example, parent), and log1p(e^-|z|) in the log-domain paths.
+// log1p(q) for q in (-1, 2^126] (or NaN): the products' logs (a chunk's end or, with chunk_log's
+// exponents taken out, a row's end: q in [e^-4 / sqrt(2) - 1, sqrt(2) e^64 - 1]), and
+// log1p(e^-|z|) in the log-domain paths.
 template <typename T>
 Vectorized<T> log1p_inline(const Vectorized<T>& q) {
   return q.log1p();
 }
 
 // A chunk's end: takes part of log(1 + q) out of the product q (= product - 1) and returns it,
-// leaving 1 + q within [1/2, 2], where the next chunk's products lose no more to q's rounding
-// than a fresh chunk's (see kChunkRange); the rest of the log is taken at the row's end. Here
-// all of it (q = 0 after); float32 with AVX2 or AVX-512 takes only the exponent (below).
+// leaving 1 + q within [sqrt(1/2), sqrt(2)), where the next chunk's products lose at most sqrt(2)
+// times what a fresh chunk's lose to q's rounding (see kChunkRange); the rest of the log is taken
+// at the row's end. Here all of it (q = 0 after); float32 with AVX2 or AVX-512 takes only the
+// exponent (below).
 template <typename T>
 Vectorized<T> chunk_log(Vectorized<T>& q) {
   const Vectorized<T> log = log1p_inline(q);
@@ -242,7 +244,7 @@ Vectorized<T> chunk_log(Vectorized<T>& q) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// float32, inline and without a division, so that the compiler interleaves a chunk's 8 logs:
+// float32, inline and without a division, so that the compiler interleaves a row's 8 logs:
 // u = fl(1 + q) = 2^k * m with m in [sqrt(1/2), sqrt(2)), and e = q - (u - 1) the rounding of u
 // (exact: Sterbenz for u in [1/2, 2], and 1 a multiple of u's ulp above). Then
 // log1p(q) = k*ln2 + log1p(f) with f = m - 1 + e*2^-k, log1p(f) = f - f^2/2 + f^3*P(f) with
@@ -1063,8 +1065,9 @@ at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weigh
 // delta = u*(A - 1), D = 1 + delta >= 1/2:
 //   H(-|l| + c~) - H(-|l|) = log D - (c~*u + delta*(c~ + kappa)) / D,   kappa = -|l| sigmoid(|l|)
 // (from softplus(z~) = softplus(-|l|) + log D and sigmoid(-z~) = (1 - u) / D). The logs multiply
-// like the Bernoulli factors (q-form, one log1p per chunk); the rest costs a reciprocal per term
-// instead of an exp and a log1p. Saturated children (u tiny) send terms exact to relative
+// like the Bernoulli factors (q-form, chunk_log at each chunk's end, one log1p per example and
+// parent at the end); the rest costs a reciprocal per term instead of an exp and a log1p.
+// Saturated children (u tiny) send terms exact to relative
 // rounding; a wide child (w*max|W| > kChunkRange, where A could overflow) uses per term the
 // stable H(z) = log1p(t) + |z| t / (1 + t), t = exp(-|z|).
 // NOTE: the per-term form everywhere took 5.2-5.9x as long (B=50, 200 -> 200 and 200 -> 784;

@@ -213,9 +213,9 @@ def test_many_chunks(backend, device):
 @pytest.mark.parametrize("wide", [False, True], ids=["narrow", "one-wide"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_chunks_running_across_tiles(backend, device, wide):
-    # weights so small that one chunk could hold all 300 children: it runs on across the kernels'
-    # tiles of children (64 or 32), its sums kept from one tile to the next; a wide child (150)
-    # ends one run and the next starts after it; the batch is odd (a last single row)
+    # weights so small that one chunk could hold all 300 children: the chunks end at the kernels'
+    # tiles of children (64 or 32) and the product goes on from one chunk to the next, past a
+    # wide child (150) summed in the log domain; the batch is odd (a last single row)
     g = torch.Generator().manual_seed(4)
     x = torch.where(torch.rand(9, 70, generator=g) < 0.5, -1.0, 1.0).double()
     weight = torch.randn(300, 70, generator=g).double() * 2e-3
