@@ -210,6 +210,25 @@ def test_many_chunks(backend, device):
         assert rel_err(reference.entropy_delta(x, weight, logits, -1.0, 1.0), out.cpu()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_reaches_the_messages_it_touches(backend, device):
+    # a NaN logit (example 1, child 70) and a NaN weight (child 200, parent 3): NaN where the
+    # reference has it (example 1's every parent; parent 3 of every example), the reference's
+    # values elsewhere; the products carry NaN across chunk ends (whose exponents stay finite)
+    g = torch.Generator().manual_seed(6)
+    x = torch.where(torch.rand(5, 40, generator=g) < 0.5, -1.0, 1.0).double()
+    weight = torch.randn(300, 40, generator=g).double() * 0.2
+    logits = x @ weight.t()
+    y = torch.where(torch.rand(logits.shape, generator=g) < torch.sigmoid(logits), 1.0, -1.0).double()
+    logits[1, 70] = float("nan")
+    weight[200, 3] = float("nan")
+    ref = reference.bernoulli_log_ratio(x, weight, logits, y, -1.0, 1.0)
+    assert ref.isnan()[1].all() and ref.isnan()[:, 3].all() and not ref.isnan()[0, 0]
+    for dtype, out in messages_by_dtype(backend, device, x, weight, logits, y, -1.0, 1.0):
+        assert torch.equal(out.isnan(), ref.isnan())
+        assert rel_err(ref.nan_to_num(), out.nan_to_num()) < TOL[dtype]
+
+
 @pytest.mark.parametrize("wide", [False, True], ids=["narrow", "one-wide"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_chunks_running_across_tiles(backend, device, wide):
