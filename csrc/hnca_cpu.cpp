@@ -621,14 +621,27 @@ void load_rows(Vectorized<T> (&acc)[ROWS][NV], const T* at) {
   }
 }
 
+// A narrow chunk's end: each product in `acc` (as q, loaded by load_rows at the chunk's start)
+// goes back to `product` less what chunk_log takes out of its log, and `acc` holds what it took.
+template <typename T, int ROWS, int NV>
+void end_chunk(Vectorized<T> (&acc)[ROWS][NV], T* product) {
+  for (int r = 0; r < ROWS; ++r) {
+    for (int k = 0; k < NV; ++k) {
+      Vectorized<T> q = acc[r][k];
+      acc[r][k] = chunk_log(q);
+      q.store(product + (r * kVecs + k) * Vectorized<T>::size());
+    }
+  }
+}
+
 // Adds, for ROWS examples from b0 and NV vectors of parents from i0, each flip's change of the
-// log-likelihood of one chunk of children into `change` and `q` (the product of the row's factors
-// so far, less what chunk_log took into `change`); `hi_masks` holds where the rows' parents are
-// at hi (all three [row][vector][lane], as in message_task). NV < kVecs only in the last block of
+// log-likelihood of one chunk of children into `change` and `product` (the rows' factors so far,
+// as q, less what chunk_log took into `change`); `hi_masks` holds where the rows' parents are at
+// hi (all three [row][vector][lane], as in message_task). NV < kVecs only in the last block of
 // parents, where the vectors past `in` would be all padding.
 template <typename T, int ROWS, int NV>
 void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, const Chunk& chunk, const T* hi_masks,
-                   T* change, T* q) {
+                   T* change, T* product) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   constexpr int64_t block = kVecs * L;
@@ -648,7 +661,7 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
       }
     }
   } else {
-    load_rows(sum, q);
+    load_rows(sum, product);
     const T* by_pairs[ROWS];
     for (int r = 0; r < ROWS; ++r) by_pairs[r] = p.by_pairs + pair_offset<T>(b0 + r, p.out, 2);
     for (int64_t j = j0; j < chunk.end; ++j) {
@@ -663,14 +676,7 @@ void message_chunk(const BernoulliArgs<T>& p, int64_t b0, int64_t i0, int64_t j0
         }
       }
     }
-    // the product goes on into the next chunk, less the part of its log taken here
-    for (int r = 0; r < ROWS; ++r) {
-      for (int k = 0; k < NV; ++k) {
-        Vec product = sum[r][k];
-        sum[r][k] = chunk_log(product);
-        product.store(q + (r * kVecs + k) * L);
-      }
-    }
+    end_chunk(sum, product);  // the product goes on into the next chunk
   }
   // each factor is pi(y | actual) / pi(y | flipped): the change is minus its log
   for (int r = 0; r < ROWS; ++r) {
@@ -1114,7 +1120,7 @@ struct EntropyArgs {
 };
 
 // Adds, for ROWS examples from b0 and NV vectors of parents from i0, each flip's change of the
-// entropy of one chunk of children into `change` and `product` (the q of the terms' logs D; see
+// entropy of one chunk of children into `change` and `product` (the terms' D so far, as q; see
 // the Bernoulli message_chunk).
 template <typename T, int ROWS, int NV>
 void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, const Chunk& chunk, const T* hi_masks,
@@ -1157,12 +1163,9 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
         }
       }
     }
+    end_chunk(q, product);
     for (int r = 0; r < ROWS; ++r) {
-      for (int k = 0; k < NV; ++k) {
-        Vec goes_on = q[r][k];
-        q[r][k] = chunk_log(goes_on) - rational[r][k];
-        goes_on.store(product + (r * kVecs + k) * L);
-      }
+      for (int k = 0; k < NV; ++k) q[r][k] = q[r][k] - rational[r][k];
     }
   }
   for (int r = 0; r < ROWS; ++r) {

@@ -34,7 +34,7 @@ def test_the_distributed_example_runs_on_two_cpu_processes(tmp_path):
     (script,) = blocks("docs/distributed.md")
     # the group is released before the interpreter exits (see the page's "Exit")
     probe = (f"\nimport sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom _gloo import gloo_threads\n"
-             "assert not gloo_threads(), f'gloo threads left after main(): {gloo_threads()}'\n")
+             "left = gloo_threads()\nassert not left, f'gloo threads left after main(): {left}'\n")
     (tmp_path / "train_ddp.py").write_text(script + probe)
     env = {**os.environ, "HNCA_DATA_DIR": str(SHARED), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)

@@ -231,7 +231,7 @@ def test_nan_reaches_the_messages_it_touches(backend, device):
 
 @pytest.mark.parametrize("wide", [False, True], ids=["narrow", "one-wide"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_chunks_running_across_tiles(backend, device, wide):
+def test_products_carried_across_chunk_ends(backend, device, wide):
     # weights so small that one chunk could hold all 300 children: the chunks end at the kernels'
     # tiles of children (64 or 32) and the product goes on from one chunk to the next, past a
     # wide child (150) summed in the log domain; the batch is odd (a last single row)
