@@ -1496,9 +1496,109 @@ at::Tensor logit_credit(const at::Tensor& logits_in, const at::Tensor& d_in) {
 // its serial kernel (most of the five ops' time at the paper's shape); here the engine is taken
 // out of the generator, run inline and put back, under the generator's lock.
 
-struct InlineEngine {  // what at::uniform_real_distribution asks of a generator
-  at::mt19937 engine;
-  uint32_t random() { return engine(); }
+// ATen's mt19937 regenerates its 624 words of state at once (the twist) and tempers one word per
+// call; engine_words gives the next n words as n calls would, and leaves the engine where they
+// leave it, with both steps on vectors. In the twist, word i takes words i + 1 and i + 397 (mod
+// 624), the latter already regenerated for i >= 227: a vector of words reads only words of earlier
+// vectors or not yet rewritten, so it keeps the scalar order's values.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+inline IntReg words_load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+inline void words_store(uint32_t* p, IntReg v) { _mm512_storeu_si512(p, v); }
+inline IntReg int_and(IntReg a, IntReg b) { return _mm512_and_si512(a, b); }
+inline IntReg int_or(IntReg a, IntReg b) { return _mm512_or_si512(a, b); }
+inline IntReg int_xor(IntReg a, IntReg b) { return _mm512_xor_si512(a, b); }
+template <int k> IntReg shift_left(IntReg a) { return _mm512_slli_epi32(a, k); }
+template <int k> IntReg shift_right(IntReg a) { return _mm512_srli_epi32(a, k); }
+template <int k> IntReg shift_right_signed(IntReg a) { return _mm512_srai_epi32(a, k); }
+#else
+inline IntReg words_load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void words_store(uint32_t* p, IntReg v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline IntReg int_and(IntReg a, IntReg b) { return _mm256_and_si256(a, b); }
+inline IntReg int_or(IntReg a, IntReg b) { return _mm256_or_si256(a, b); }
+inline IntReg int_xor(IntReg a, IntReg b) { return _mm256_xor_si256(a, b); }
+template <int k> IntReg shift_left(IntReg a) { return _mm256_slli_epi32(a, k); }
+template <int k> IntReg shift_right(IntReg a) { return _mm256_srli_epi32(a, k); }
+template <int k> IntReg shift_right_signed(IntReg a) { return _mm256_srai_epi32(a, k); }
+#endif
+constexpr int kWordLanes = sizeof(IntReg) / sizeof(uint32_t);
+
+// words i .. i + kWordLanes - 1 of the twist, from the state words at i, i + 1 and `far`
+inline void twist_words(uint32_t* state, int64_t i, const uint32_t* far) {
+  const IntReg u = words_load(state + i), v = words_load(state + i + 1);
+  const IntReg mixed = int_or(int_and(u, int_splat(int(at::UMASK))), int_and(v, int_splat(int(at::LMASK))));
+  const IntReg odd = shift_right_signed<31>(shift_left<31>(v));  // all bits set where v is odd
+  words_store(state + i, int_xor(words_load(far), int_xor(shift_right<1>(mixed),
+                                                          int_and(odd, int_splat(int(at::MATRIX_A))))));
+}
+
+inline void temper_words(const uint32_t* from, uint32_t* to, int64_t n) {
+  int64_t k = 0;
+  for (; k + kWordLanes <= n; k += kWordLanes) {
+    IntReg y = words_load(from + k);
+    y = int_xor(y, shift_right<11>(y));
+    y = int_xor(y, int_and(shift_left<7>(y), int_splat(int(0x9d2c5680u))));
+    y = int_xor(y, int_and(shift_left<15>(y), int_splat(int(0xefc60000u))));
+    words_store(to + k, int_xor(y, shift_right<18>(y)));
+  }
+  for (; k < n; ++k) {
+    uint32_t y = from[k];
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    to[k] = y ^ (y >> 18);
+  }
+}
+#endif
+
+void twist_state(uint32_t* state) {
+  constexpr int64_t N = at::MERSENNE_STATE_N, M = at::MERSENNE_STATE_M;
+  auto scalar = [&](int64_t i) {
+    const uint32_t u = state[i], v = state[(i + 1) % N];
+    state[i] = state[(i + M) % N] ^ ((((u & at::UMASK) | (v & at::LMASK)) >> 1) ^ (v & 1 ? at::MATRIX_A : 0u));
+  };
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  for (; i + kWordLanes <= N - M; i += kWordLanes) twist_words(state, i, state + i + M);
+  for (; i < N - M; ++i) scalar(i);
+  for (; i + kWordLanes < N; i += kWordLanes) twist_words(state, i, state + i + M - N);
+#endif
+  for (; i < N; ++i) scalar(i);
+}
+
+void engine_words(at::mt19937& engine, uint32_t* words, int64_t n) {
+  at::mt19937_data_pod s = engine.data();
+  uint32_t* state = s.state_.data();
+  while (n > 0) {
+    if (s.left_ == 1) {  // the call that finds left_ at 1 twists, then reads word 0
+      twist_state(state);
+      s.left_ = at::MERSENNE_STATE_N + 1;
+      s.next_ = 0;
+    }
+    const int64_t take = std::min<int64_t>(n, s.left_ - 1);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    temper_words(state + s.next_, words, take);
+#else
+    for (int64_t k = 0; k < take; ++k) {
+      uint32_t y = state[s.next_ + k];
+      y ^= y >> 11;
+      y ^= (y << 7) & 0x9d2c5680u;
+      y ^= (y << 15) & 0xefc60000u;
+      words[k] = y ^ (y >> 18);
+    }
+#endif
+    s.next_ += take;
+    s.left_ -= take;
+    words += take;
+    n -= take;
+  }
+  engine.set_data(s);
+}
+
+// Words drawn ahead, handed to at::uniform_real_distribution as its generator's.
+struct DrawnWords {
+  const uint32_t* next;
+  uint32_t random() { return *next++; }
 };
 
 at::Tensor bernoulli_sample(const at::Tensor& logits, double lo, double hi, at::ScalarType dtype,
@@ -1520,14 +1620,17 @@ at::Tensor bernoulli_sample(const at::Tensor& logits, double lo, double hi, at::
   const Vec lo_v(static_cast<float>(lo)), hi_v(static_cast<float>(hi));
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   std::lock_guard<std::mutex> lock(gen->mutex_);
-  InlineEngine draws{gen->engine()};
+  at::mt19937 engine = gen->engine();
   const at::uniform_real_distribution<float> uniform(0.f, 1.f);
   // the draws go through a buffer and the comparisons are vector blends: a scalar u < p compiles
   // to a branch, and a coin flip is what no predictor learns
-  constexpr int64_t kDraws = 256;
+  constexpr int64_t kDraws = 512;
+  uint32_t words[kDraws];
   float u[kDraws];
   for (int64_t n0 = 0; n0 < numel; n0 += kDraws) {
     const int64_t count = std::min(kDraws, numel - n0);
+    engine_words(engine, words, count);
+    DrawnWords draws{words};
     for (int64_t k = 0; k < count; ++k) u[k] = uniform(&draws);
     for (int64_t k = 0; k < count; k += Vec::size()) {
       const int64_t c = std::min<int64_t>(Vec::size(), count - k);
@@ -1535,7 +1638,7 @@ at::Tensor bernoulli_sample(const at::Tensor& logits, double lo, double hi, at::
       Vec::blendv(lo_v, hi_v, Vec::loadu(u + k, c) < Vec::loadu(v, c)).store(v, c);
     }
   }
-  gen->set_engine(draws.engine);
+  gen->set_engine(engine);
   return p.to(dtype);  // the layer's values are exact in any floating type
 }
 
@@ -1558,16 +1661,23 @@ at::Tensor categorical_sample(const at::Tensor& logits, std::optional<at::Genera
   int64_t* o = out.data_ptr<int64_t>();
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   std::lock_guard<std::mutex> lock(gen->mutex_);
-  InlineEngine draws{gen->engine()};
+  at::mt19937 engine = gen->engine();
   const at::uniform_real_distribution<float> uniform(0.f, 1.f);
-  for (int64_t r = 0; r < rows; ++r, c += classes) {
-    float u = uniform(&draws);
-    u = (u == 0.f ? 1.f : u) * c[classes - 1];
-    int64_t below = 0;
-    for (int64_t k = 0; k < classes; ++k) below += c[k] < u;
-    o[r] = below;
+  constexpr int64_t kDraws = 512;
+  uint32_t words[kDraws];
+  for (int64_t r0 = 0; r0 < rows; r0 += kDraws) {
+    const int64_t count = std::min(kDraws, rows - r0);
+    engine_words(engine, words, count);
+    DrawnWords draws{words};
+    for (int64_t r = 0; r < count; ++r, c += classes) {
+      float u = uniform(&draws);
+      u = (u == 0.f ? 1.f : u) * c[classes - 1];
+      int64_t below = 0;
+      for (int64_t k = 0; k < classes; ++k) below += c[k] < u;
+      o[r0 + r] = below;
+    }
   }
-  gen->set_engine(draws.engine);
+  gen->set_engine(engine);
   return out;
 }
 

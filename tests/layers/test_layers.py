@@ -70,9 +70,11 @@ def test_same_seed_same_samples():
     assert torch.equal(net(x), a1)
 
 
-def _draws(layer, logits, path):
-    """The layer's sample of ``logits`` drawn by ``path`` from seed 5, and the generator's next words."""
+def _draws(layer, logits, path, words_before=0):
+    """The layer's sample of ``logits`` drawn by ``path`` from seed 5 after ``words_before`` of the
+    generator's words, and its next words."""
     torch.manual_seed(5)
+    torch.rand(words_before)  # one word each
     with use_backend("reference" if path == "torch" else None):
         assert backends.draws_in_cpp(logits) == (path == "cpp")
         sample = layer.sample(logits)
@@ -96,11 +98,14 @@ def test_the_cpp_ops_draw_the_torch_expressions_samples_bit_for_bit(layer, dtype
     logits = torch.randn(shape) * 4
     logits.view(-1)[:3] = torch.tensor([-200.0, 200.0, 0.0])
     logits = logits.to(dtype)
-    for rows in (9, 0):
-        cpp, torch_ = _draws(layer, logits[:rows], "cpp"), _draws(layer, logits[:rows], "torch")
+    # the engine regenerates its 624 words of state (the cpp ops on vectors) at the first draw, at
+    # the last word of a state, mid-state and not at all
+    for rows, words_before in ((9, 0), (9, 623), (9, 1000), (1, 0), (0, 0), (0, 5)):
+        cpp = _draws(layer, logits[:rows], "cpp", words_before)
+        torch_ = _draws(layer, logits[:rows], "torch", words_before)
         assert cpp[0].dtype == torch_[0].dtype and torch.equal(cpp[0], torch_[0])
         assert torch.equal(cpp[1], torch_[1])
-        assert rows == 0 or len(layer.sample_values) == 1 or len(torch.unique(cpp[0])) > 1
+        assert rows < 9 or len(layer.sample_values) == 1 or len(torch.unique(cpp[0])) > 1
 
 
 def test_the_sampling_ops_draw_from_a_given_generator():
