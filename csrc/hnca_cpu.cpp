@@ -1072,7 +1072,10 @@ at::Tensor categorical_log_ratio(const at::Tensor& x_in, const at::Tensor& weigh
 //   H(-|l| + c~) - H(-|l|) = log D - (c~*u + delta*(c~ + kappa)) / D,   kappa = -|l| sigmoid(|l|)
 // (from softplus(z~) = softplus(-|l|) + log D and sigmoid(-z~) = (1 - u) / D). The logs multiply
 // like the Bernoulli factors (q-form, chunk_log at each chunk's end, one log1p per example and
-// parent at the end); the rest costs a reciprocal per term instead of an exp and a log1p.
+// parent at the end). The rational terms of a chunk are summed as one fraction over the same
+// product P of the D (n <- n*D + numerator*P, then n / P at the chunk's end, P within e^+-4 of
+// its start): two multiply-adds a term and one division a chunk, not a division (or a reciprocal
+// estimate and its Newton step) a term.
 // Saturated children (u tiny) send terms exact to relative
 // rounding; a wide child (w*max|W| > kChunkRange, where A could overflow) uses per term the
 // stable H(z) = log1p(t) + |z| t / (1 + t), t = exp(-|z|).
@@ -1086,23 +1089,6 @@ Vectorized<T> entropy(const Vectorized<T>& z) {
   const Vec t = m.neg().exp();
   return log1p_inline(t) + m * t / (Vec(T(1)) + t);
 }
-
-// 1 / x for x in [1/2, e^4]: with AVX-512, float32 takes the hardware estimate and one Newton step
-// (~1 ulp); with AVX2 a division, which runs beside the FMA ports the estimate's Newton step takes
-// (measured faster in the entropy delta on AMD Zen 3: benchmarks/RESULTS.md, "Zen 3").
-template <typename T>
-Vectorized<T> reciprocal(const Vectorized<T>& x) {
-  return x.reciprocal();
-}
-
-#if defined(CPU_CAPABILITY_AVX512)
-template <>
-Vectorized<float> reciprocal(const Vectorized<float>& x) {
-  using Vec = Vectorized<float>;
-  const Vec r(_mm512_rcp14_ps(x));  // relative error < 2^-14
-  return at::vec::fmadd(r, at::vec::fnmadd(x, r, Vec(1.f)), r);
-}
-#endif
 
 template <typename T>
 struct EntropyArgs {
@@ -1157,11 +1143,17 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
           const Vec a_m1 = rows.pick(k * L, is_hi[r][k]);
           const Vec c = rows.pick(p.c_rows + k * L, is_hi[r][k]);
           const Vec delta = u * a_m1;
-          q[r][k] = at::vec::fmadd(delta, q[r][k], q[r][k] + delta);  // q <- q + delta*(1 + q)
           const Vec numerator = at::vec::fmadd(delta, c + kappa, c * u);
-          rational[r][k] = at::vec::fmadd(numerator, reciprocal(Vec(T(1)) + delta), rational[r][k]);
+          // the fraction's numerator: n <- n*D + numerator*P with P = 1 + q before this term
+          const Vec scaled = at::vec::fmadd(numerator, q[r][k], numerator);
+          rational[r][k] = at::vec::fmadd(rational[r][k], delta, rational[r][k] + scaled);
+          q[r][k] = at::vec::fmadd(delta, q[r][k], q[r][k] + delta);  // q <- q + delta*(1 + q)
         }
       }
+    }
+    // the chunk's rational terms, n / P: one division a chunk
+    for (int r = 0; r < ROWS; ++r) {
+      for (int k = 0; k < NV; ++k) rational[r][k] = rational[r][k] / (Vec(T(1)) + q[r][k]);
     }
     end_chunk(q, product);
     for (int r = 0; r < ROWS; ++r) {
