@@ -1493,6 +1493,13 @@ at::Tensor logit_credit(const at::Tensor& logits_in, const at::Tensor& d_in) {
 // leave it, with both steps on vectors. In the twist, word i takes words i + 1 and i + 397 (mod
 // 624), the latter already regenerated for i >= 227: a vector of words reads only words of earlier
 // vectors or not yet rewritten, so it keeps the scalar order's values.
+inline uint32_t temper(uint32_t y) {
+  y ^= y >> 11;
+  y ^= (y << 7) & 0x9d2c5680u;
+  y ^= (y << 15) & 0xefc60000u;
+  return y ^ (y >> 18);
+}
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #if defined(CPU_CAPABILITY_AVX512)
 inline IntReg words_load(const uint32_t* p) { return _mm512_loadu_si512(p); }
@@ -1533,13 +1540,7 @@ inline void temper_words(const uint32_t* from, uint32_t* to, int64_t n) {
     y = int_xor(y, int_and(shift_left<15>(y), int_splat(int(0xefc60000u))));
     words_store(to + k, int_xor(y, shift_right<18>(y)));
   }
-  for (; k < n; ++k) {
-    uint32_t y = from[k];
-    y ^= y >> 11;
-    y ^= (y << 7) & 0x9d2c5680u;
-    y ^= (y << 15) & 0xefc60000u;
-    to[k] = y ^ (y >> 18);
-  }
+  for (; k < n; ++k) to[k] = temper(from[k]);
 }
 #endif
 
@@ -1571,13 +1572,7 @@ void engine_words(at::mt19937& engine, uint32_t* words, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     temper_words(state + s.next_, words, take);
 #else
-    for (int64_t k = 0; k < take; ++k) {
-      uint32_t y = state[s.next_ + k];
-      y ^= y >> 11;
-      y ^= (y << 7) & 0x9d2c5680u;
-      y ^= (y << 15) & 0xefc60000u;
-      words[k] = y ^ (y >> 18);
-    }
+    for (int64_t k = 0; k < take; ++k) words[k] = temper(state[s.next_ + k]);
 #endif
     s.next_ += take;
     s.left_ -= take;
