@@ -18,8 +18,8 @@
 //   summed bound <= kChunkRange. The chunk bookkeeping depends on the child only: uniform, no
 //   divergence. A wide child (bound > kChunkRange) is summed per element in the log domain, in a
 //   second loop.
-// - Entropy: the CPU kernel's form log D - n / D per term (one reciprocal, rcp.approx, instead of
-//   two exps, two log1ps and two divisions), the same staging. Softmax: the two-GEMM form
+// - Entropy: log D - N / D per term, N the term's numerator (one reciprocal, rcp.approx, instead
+//   of two exps, two log1ps and two divisions), the same staging. Softmax: the two-GEMM form
 //   S+- = pi @ exp(+-c - m+-) (per-column max), two FMAs a term, one log per (b, i); a block whose
 //   columns spread past kSpreadLimit takes the online logsumexp (an exp a term).
 // - No host synchronisation: bounds are computed on the device; parent values (and class

@@ -72,13 +72,14 @@ def test_same_seed_same_samples():
 
 def _draws(layer, logits, path, words_before=0):
     """The layer's sample of ``logits`` drawn by ``path`` from seed 5 after ``words_before`` of the
-    generator's words, and its next words."""
+    generator's words, and the generator's whole state after it (the engine's words, where it reads
+    next and when it regenerates them)."""
     torch.manual_seed(5)
     torch.rand(words_before)  # one word each
     with use_backend("reference" if path == "torch" else None):
         assert backends.draws_in_cpp(logits) == (path == "cpp")
         sample = layer.sample(logits)
-    return sample, torch.randint(0, 2**31, (3,))
+    return sample, torch.get_rng_state()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -94,13 +95,14 @@ def test_the_cpp_ops_draw_the_torch_expressions_samples_bit_for_bit(layer, dtype
         pytest.skip(backends.unavailable_reason("cpp", "cpu"))
     layer = layer.to(dtype)
     torch.manual_seed(0)
-    shape = layer._logits(torch.zeros(9, 2, dtype=dtype)).shape  # [B, out], or [B, V, K]
+    shape = layer._logits(torch.zeros(250, 2, dtype=dtype)).shape  # [B, out], or [B, V, K]
     logits = torch.randn(shape) * 4
     logits.view(-1)[:3] = torch.tensor([-200.0, 200.0, 0.0])
     logits = logits.to(dtype)
-    # the engine regenerates its 624 words of state (the cpp ops on vectors) at the first draw, at
-    # the last word of a state, mid-state and not at all
-    for rows, words_before in ((9, 0), (9, 623), (9, 1000), (1, 0), (0, 0), (0, 5)):
+    # draws that start at the first word of a state (the engine regenerates its 624 words first,
+    # the cpp ops on vectors), at its last word, within it, and none; 250 rows: several
+    # regenerations (Bernoulli) and more rows than a block of the ops' draws (softmax)
+    for rows, words_before in ((9, 0), (9, 623), (9, 1000), (250, 100), (1, 0), (0, 0), (0, 5)):
         cpp = _draws(layer, logits[:rows], "cpp", words_before)
         torch_ = _draws(layer, logits[:rows], "torch", words_before)
         assert cpp[0].dtype == torch_[0].dtype and torch.equal(cpp[0], torch_[0])
