@@ -16,7 +16,8 @@ the forward GEMM of the shape (x @ W.T, torch's), timed in the same rounds, besi
 --op categorical times the message to categorical parents (in = variables x --classes, Bernoulli
 children); --op softmax the message of one softmax child of out classes (the bandit's output layer)
 to its Bernoulli parents; --op sample the Bernoulli layer's sample of the logits [B, out] (its
-rate in draws a second). --regime confident gives children as a trained model's: weights three
+rate in draws a second); --op credit the Bernoulli units' credit from the logits [B, out] and a
+message of the same shape. --regime confident gives children as a trained model's: weights three
 times the initial scale's bound, logits of +-(25 to 35) and 3% of the children against their logit.
 """
 
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("variants", nargs="+")
     parser.add_argument("--shape", default="256x1024x1024", help="B x in x out")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--op", choices=("bernoulli", "entropy", "categorical", "softmax", "sample"), default="bernoulli")
+    parser.add_argument("--op", choices=("bernoulli", "entropy", "categorical", "softmax", "sample", "credit"), default="bernoulli")
     parser.add_argument("--classes", type=int, default=10, help="classes of a categorical parent")
     parser.add_argument("--regime", choices=("init", "confident"), default="init")
     args = parser.parse_args(argv)
@@ -118,6 +119,9 @@ def main(argv=None) -> int:
     elif args.op == "sample":  # each variant from the same generator state: the same draws
         calls = [lambda op=op: op.bernoulli_sample(logits, -1.0, 1.0, torch.float32,
                                                    generator=torch.Generator().manual_seed(1)) for op in ops]
+    elif args.op == "credit":
+        message = torch.randn(B, n_out, generator=g) * 2
+        calls = [lambda op=op: op.logit_credit(logits, message) for op in ops]
     elif args.op == "softmax":
         sampled = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
         calls = [lambda op=op: op.categorical_log_ratio(x, weight, logits, sampled, -1.0, 1.0, True) for op in ops]
@@ -137,7 +141,7 @@ def main(argv=None) -> int:
             call()
             if r:
                 (times[k] if k < len(calls) else gemm_times).append(time.process_time() - start)
-    terms, unit = (B * n_out, "draws") if args.op == "sample" else (B * n_in * n_out, "terms")
+    terms, unit = {"sample": (B * n_out, "draws"), "credit": (B * n_out, "units")}.get(args.op, (B * n_in * n_out, "terms"))
     peaks = {spec: op.fma_peak(0.2) for spec, op in zip(args.variants, ops) if hasattr(op, "fma_peak")}
     for spec, t in zip(args.variants, times):
         ratio = statistics.median(a / b for a, b in zip(t, times[0]))
