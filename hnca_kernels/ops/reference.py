@@ -97,8 +97,10 @@ def logit_credit(logits: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of Bernoulli(sigmoid(logits)), elementwise, stable for any logit."""
-    return torch.sigmoid(logits) * F.softplus(-logits) + torch.sigmoid(-logits) * F.softplus(logits)
+    """Entropy (nats) of Bernoulli(sigmoid(logits)), elementwise, stable for any finite logit: H is
+    even, and with a = |l| it is softplus(-a) + a sigmoid(-a), two positive terms (one log1p)."""
+    a = logits.abs()
+    return F.softplus(-a) + a * torch.sigmoid(-a)
 
 
 def entropy_delta(x, weight, logits, lo, hi):

@@ -120,3 +120,26 @@ def test_backend_argument_and_context():
             pass
     with pytest.raises(hnca_kernels.BackendUnavailableError, match="not available on cpu"):
         Fn.counterfactual_log_ratio(x, weight, logits, y, backend="cuda")
+
+
+def _exact_entropy(l):
+    getcontext().prec = 60
+    l = Decimal(l)
+    p = 1 / (1 + (-l).exp())
+    q = 1 - p
+    return float(-(p * p.ln() + q * q.ln()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_bernoulli_entropy_and_its_gradient_are_accurate_for_any_logit(dtype):
+    # saturated units have a tiny entropy: relative accuracy there, where a difference of terms
+    # of the size of the logit would cancel (down to the dtype's smallest normal number)
+    ls = torch.tensor([-100.0, -30.0, -5.0, -1e-3, 0.0, 0.3, 5.0, 30.0, 100.0], dtype=dtype, requires_grad=True)
+    h = Fn.bernoulli_entropy(ls)
+    ref = torch.tensor([_exact_entropy(l) for l in ls.tolist()], dtype=torch.float64)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-13
+    assert ((h.double() - ref).abs() <= rtol * ref + torch.finfo(dtype).tiny).all()
+    h.sum().backward()
+    exact_grad = -ls.detach().double() * torch.sigmoid(ls.detach().double()) * torch.sigmoid(-ls.detach().double())
+    # autograd's terms of the gradient are of order 1/2 and cancel near l = 0: to the dtype's epsilon
+    torch.testing.assert_close(ls.grad.double(), exact_grad, rtol=rtol, atol=torch.finfo(dtype).eps)
