@@ -260,24 +260,40 @@ using IntReg = __m512i;
 inline IntReg bits_of(__m512 x) { return _mm512_castps_si512(x); }
 inline __m512 float_of(IntReg x) { return _mm512_castsi512_ps(x); }
 inline IntReg int_sub(IntReg a, IntReg b) { return _mm512_sub_epi32(a, b); }
-inline IntReg exponent_field(IntReg a) { return _mm512_srai_epi32(a, 23); }
-inline IntReg to_exponent_field(IntReg a) { return _mm512_slli_epi32(a, 23); }
 inline __m512 int_to_float(IntReg a) { return _mm512_cvtepi32_ps(a); }
 inline IntReg float_to_int(__m512 a) { return _mm512_cvtps_epi32(a); }
 inline IntReg int_add(IntReg a, IntReg b) { return _mm512_add_epi32(a, b); }
 inline IntReg int_splat(int a) { return _mm512_set1_epi32(a); }
+inline IntReg int_and(IntReg a, IntReg b) { return _mm512_and_si512(a, b); }
+inline IntReg int_or(IntReg a, IntReg b) { return _mm512_or_si512(a, b); }
+inline IntReg int_xor(IntReg a, IntReg b) { return _mm512_xor_si512(a, b); }
+template <int k> IntReg shift_left(IntReg a) { return _mm512_slli_epi32(a, k); }
+template <int k> IntReg shift_right(IntReg a) { return _mm512_srli_epi32(a, k); }
+template <int k> IntReg shift_right_signed(IntReg a) { return _mm512_srai_epi32(a, k); }
+inline IntReg words_load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+inline void words_store(uint32_t* p, IntReg v) { _mm512_storeu_si512(p, v); }
 #else
 using IntReg = __m256i;
 inline IntReg bits_of(__m256 x) { return _mm256_castps_si256(x); }
 inline __m256 float_of(IntReg x) { return _mm256_castsi256_ps(x); }
 inline IntReg int_sub(IntReg a, IntReg b) { return _mm256_sub_epi32(a, b); }
-inline IntReg exponent_field(IntReg a) { return _mm256_srai_epi32(a, 23); }
-inline IntReg to_exponent_field(IntReg a) { return _mm256_slli_epi32(a, 23); }
 inline __m256 int_to_float(IntReg a) { return _mm256_cvtepi32_ps(a); }
 inline IntReg float_to_int(__m256 a) { return _mm256_cvtps_epi32(a); }
 inline IntReg int_add(IntReg a, IntReg b) { return _mm256_add_epi32(a, b); }
 inline IntReg int_splat(int a) { return _mm256_set1_epi32(a); }
+inline IntReg int_and(IntReg a, IntReg b) { return _mm256_and_si256(a, b); }
+inline IntReg int_or(IntReg a, IntReg b) { return _mm256_or_si256(a, b); }
+inline IntReg int_xor(IntReg a, IntReg b) { return _mm256_xor_si256(a, b); }
+template <int k> IntReg shift_left(IntReg a) { return _mm256_slli_epi32(a, k); }
+template <int k> IntReg shift_right(IntReg a) { return _mm256_srli_epi32(a, k); }
+template <int k> IntReg shift_right_signed(IntReg a) { return _mm256_srai_epi32(a, k); }
+inline IntReg words_load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void words_store(uint32_t* p, IntReg v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 #endif
+// a float's exponent field, bits 23 and up (arithmetic: a difference of floats' bits keeps its
+// sign), and back
+inline IntReg exponent_field(IntReg a) { return shift_right_signed<23>(a); }
+inline IntReg to_exponent_field(IntReg a) { return shift_left<23>(a); }
 
 // 1 + q = 2^k (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)): (f, k), f to q's relative rounding
 // where k = 0 (then f = q exactly)
@@ -1485,8 +1501,8 @@ at::Tensor logit_credit(const at::Tensor& logits_in, const at::Tensor& d_in) {
 // expression of BernoulliLinear.sample: the same sigmoid (torch's, in float32), and u drawn as
 // torch.rand_like(logits) draws it, from the generator's next numel() words in memory order by
 // torch's own uniform transform. torch's uniform_ calls the generator once per element through
-// its serial kernel (most of the five ops' time at the paper's shape); here the engine is taken
-// out of the generator, run inline and put back, under the generator's lock.
+// its serial kernel (most of the five ops' time at the paper's shape); here the engine's words
+// come in blocks (for_each_uniform_block, below).
 
 // ATen's mt19937 regenerates its 624 words of state at once (the twist) and tempers one word per
 // call; engine_words gives the next n words as n calls would, and leaves the engine where they
@@ -1501,25 +1517,6 @@ inline uint32_t temper(uint32_t y) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#if defined(CPU_CAPABILITY_AVX512)
-inline IntReg words_load(const uint32_t* p) { return _mm512_loadu_si512(p); }
-inline void words_store(uint32_t* p, IntReg v) { _mm512_storeu_si512(p, v); }
-inline IntReg int_and(IntReg a, IntReg b) { return _mm512_and_si512(a, b); }
-inline IntReg int_or(IntReg a, IntReg b) { return _mm512_or_si512(a, b); }
-inline IntReg int_xor(IntReg a, IntReg b) { return _mm512_xor_si512(a, b); }
-template <int k> IntReg shift_left(IntReg a) { return _mm512_slli_epi32(a, k); }
-template <int k> IntReg shift_right(IntReg a) { return _mm512_srli_epi32(a, k); }
-template <int k> IntReg shift_right_signed(IntReg a) { return _mm512_srai_epi32(a, k); }
-#else
-inline IntReg words_load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline void words_store(uint32_t* p, IntReg v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
-inline IntReg int_and(IntReg a, IntReg b) { return _mm256_and_si256(a, b); }
-inline IntReg int_or(IntReg a, IntReg b) { return _mm256_or_si256(a, b); }
-inline IntReg int_xor(IntReg a, IntReg b) { return _mm256_xor_si256(a, b); }
-template <int k> IntReg shift_left(IntReg a) { return _mm256_slli_epi32(a, k); }
-template <int k> IntReg shift_right(IntReg a) { return _mm256_srli_epi32(a, k); }
-template <int k> IntReg shift_right_signed(IntReg a) { return _mm256_srai_epi32(a, k); }
-#endif
 constexpr int kWordLanes = sizeof(IntReg) / sizeof(uint32_t);
 
 // words i .. i + kWordLanes - 1 of the twist, from the state words at i, i + 1 and `far`
@@ -1531,8 +1528,11 @@ inline void twist_words(uint32_t* state, int64_t i, const uint32_t* far) {
                                                           int_and(odd, int_splat(int(at::MATRIX_A))))));
 }
 
-inline void temper_words(const uint32_t* from, uint32_t* to, int64_t n) {
+#endif
+
+void temper_words(const uint32_t* from, uint32_t* to, int64_t n) {
   int64_t k = 0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   for (; k + kWordLanes <= n; k += kWordLanes) {
     IntReg y = words_load(from + k);
     y = int_xor(y, shift_right<11>(y));
@@ -1540,9 +1540,9 @@ inline void temper_words(const uint32_t* from, uint32_t* to, int64_t n) {
     y = int_xor(y, int_and(shift_left<15>(y), int_splat(int(0xefc60000u))));
     words_store(to + k, int_xor(y, shift_right<18>(y)));
   }
+#endif
   for (; k < n; ++k) to[k] = temper(from[k]);
 }
-#endif
 
 void twist_state(uint32_t* state) {
   constexpr int64_t N = at::MERSENNE_STATE_N, M = at::MERSENNE_STATE_M;
@@ -1569,11 +1569,7 @@ void engine_words(at::mt19937& engine, uint32_t* words, int64_t n) {
       s.next_ = 0;
     }
     const int64_t take = std::min<int64_t>(n, s.left_ - 1);
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     temper_words(state + s.next_, words, take);
-#else
-    for (int64_t k = 0; k < take; ++k) words[k] = temper(state[s.next_ + k]);
-#endif
     s.next_ += take;
     s.left_ -= take;
     words += take;
@@ -1587,6 +1583,28 @@ struct DrawnWords {
   const uint32_t* next;
   uint32_t random() { return *next++; }
 };
+
+// f(n0, u, count) for blocks of the next n uniforms of `generator` (the default one if none), u[k]
+// in [0, 1) the (n0 + k)-th, as torch.rand draws them: its uniform transform of one engine word
+// each. Under the generator's lock; the engine is put back after the last block.
+template <typename F>
+void for_each_uniform_block(const std::optional<at::Generator>& generator, int64_t n, F f) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  at::mt19937 engine = gen->engine();
+  const at::uniform_real_distribution<float> uniform(0.f, 1.f);
+  constexpr int64_t kDraws = 512;
+  uint32_t words[kDraws];
+  float u[kDraws];
+  for (int64_t n0 = 0; n0 < n; n0 += kDraws) {
+    const int64_t count = std::min(kDraws, n - n0);
+    engine_words(engine, words, count);
+    DrawnWords draws{words};
+    for (int64_t k = 0; k < count; ++k) u[k] = uniform(&draws);
+    f(n0, u, count);
+  }
+  gen->set_engine(engine);
+}
 
 at::Tensor bernoulli_sample(const at::Tensor& logits, double lo, double hi, at::ScalarType dtype,
                             std::optional<at::Generator> generator) {
@@ -1605,27 +1623,15 @@ at::Tensor bernoulli_sample(const at::Tensor& logits, double lo, double hi, at::
   const int64_t numel = p.numel();
   using Vec = Vectorized<float>;
   const Vec lo_v(static_cast<float>(lo)), hi_v(static_cast<float>(hi));
-  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
-  std::lock_guard<std::mutex> lock(gen->mutex_);
-  at::mt19937 engine = gen->engine();
-  const at::uniform_real_distribution<float> uniform(0.f, 1.f);
-  // the draws go through a buffer and the comparisons are vector blends: a scalar u < p compiles
-  // to a branch, and a coin flip is what no predictor learns
-  constexpr int64_t kDraws = 512;
-  uint32_t words[kDraws];
-  float u[kDraws];
-  for (int64_t n0 = 0; n0 < numel; n0 += kDraws) {
-    const int64_t count = std::min(kDraws, numel - n0);
-    engine_words(engine, words, count);
-    DrawnWords draws{words};
-    for (int64_t k = 0; k < count; ++k) u[k] = uniform(&draws);
+  // the comparisons are vector blends: a scalar u < p compiles to a branch, and a coin flip is
+  // what no predictor learns
+  for_each_uniform_block(generator, numel, [&](int64_t n0, const float* u, int64_t count) {
     for (int64_t k = 0; k < count; k += Vec::size()) {
       const int64_t c = std::min<int64_t>(Vec::size(), count - k);
       float* v = values + n0 + k;
       Vec::blendv(lo_v, hi_v, Vec::loadu(u + k, c) < Vec::loadu(v, c)).store(v, c);
     }
-  }
-  gen->set_engine(engine);
+  });
   return p.to(dtype);  // the layer's values are exact in any floating type
 }
 
@@ -1646,25 +1652,15 @@ at::Tensor categorical_sample(const at::Tensor& logits, std::optional<at::Genera
   at::Tensor out = at::empty(cdf.sizes().slice(0, cdf.dim() - 1), cdf.options().dtype(at::kLong));
   const float* c = cdf.data_ptr<float>();
   int64_t* o = out.data_ptr<int64_t>();
-  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
-  std::lock_guard<std::mutex> lock(gen->mutex_);
-  at::mt19937 engine = gen->engine();
-  const at::uniform_real_distribution<float> uniform(0.f, 1.f);
-  constexpr int64_t kDraws = 512;
-  uint32_t words[kDraws];
-  for (int64_t r0 = 0; r0 < rows; r0 += kDraws) {
-    const int64_t count = std::min(kDraws, rows - r0);
-    engine_words(engine, words, count);
-    DrawnWords draws{words};
-    for (int64_t r = 0; r < count; ++r, c += classes) {
-      float u = uniform(&draws);
-      u = (u == 0.f ? 1.f : u) * c[classes - 1];
+  for_each_uniform_block(generator, rows, [&](int64_t r0, const float* u, int64_t count) {
+    for (int64_t r = 0; r < count; ++r) {
+      const float* row = c + (r0 + r) * classes;
+      const float at = (u[r] == 0.f ? 1.f : u[r]) * row[classes - 1];
       int64_t below = 0;
-      for (int64_t k = 0; k < classes; ++k) below += c[k] < u;
+      for (int64_t k = 0; k < classes; ++k) below += row[k] < at;
       o[r0 + r] = below;
     }
-  }
-  gen->set_engine(engine);
+  });
   return out;
 }
 
