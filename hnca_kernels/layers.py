@@ -234,9 +234,10 @@ class BernoulliLinear(_StochasticLinear):
 
     def own_values(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log pi(unit = hi), log pi(unit = lo)) per unit [B, out]: a scored call's own components
-        at both values of its value-parent's units (log sigmoid(-l) = log sigmoid(l) - l)."""
-        at_hi = F.logsigmoid(logits)
-        return at_hi, at_hi - logits
+        at both values of its value-parent's units. Both share log(1 + e^-|l|), one softplus; each
+        keeps its relative accuracy (log sigmoid(l) - l would lose it where l << 0)."""
+        shared = F.softplus(-logits.abs())
+        return logits.clamp(max=0) - shared, logits.clamp(min=0).neg() - shared
 
     def check_value(self, value, logits) -> torch.Tensor:
         """An observed value's shape and dtype (its values: ``require_values``), in the layer's dtype."""

@@ -371,3 +371,13 @@ def test_autocast_bfloat16_matches_float32_on_the_same_samples():
     for (name, p), e in zip(net.named_parameters(), expected):
         assert p.grad.dtype == torch.float32
         assert ((p.grad - e).norm() / e.norm()).item() < 0.05, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_bernoulli_units_own_components_are_its_log_probabilities_at_both_values(dtype):
+    # to relative rounding at saturated logits too, where log pi(lo) = log sigmoid(-l) is tiny
+    logits = torch.tensor([[-80.0, -20.0, -3.0, -1e-4, 0.0, 2e-4, 3.0, 20.0, 80.0]], dtype=dtype)
+    at_hi, at_lo = BernoulliLinear(2, 9).to(dtype).own_values(logits)
+    exact = logits.double()
+    torch.testing.assert_close(at_hi.double(), torch.nn.functional.logsigmoid(exact), rtol=4 * torch.finfo(dtype).eps, atol=0)
+    torch.testing.assert_close(at_lo.double(), torch.nn.functional.logsigmoid(-exact), rtol=4 * torch.finfo(dtype).eps, atol=0)
