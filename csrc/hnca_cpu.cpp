@@ -428,28 +428,38 @@ inline int64_t table_size(int64_t in, int64_t out, int64_t block) {
 }
 
 template <typename T>
-at::Tensor message_tables(const at::Tensor& weight, T w, int64_t block, bool with_c) {
+at::Tensor message_tables(const at::Tensor& weight, T w, bool with_c) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
+  constexpr int64_t block = kVecs * L;
   const int64_t out = weight.size(0), in = weight.size(1), blocks = (in + block - 1) / block;
   auto tables = at::empty({with_c ? 2 : 1, blocks, out, kRecord, block}, weight.options());
-  const T* wp = weight.data_ptr<T>();
-  T* tp = tables.data_ptr<T>();
+  const T* const wp = weight.data_ptr<T>();
+  T* const tp = tables.data_ptr<T>();
   const int64_t c_rows = table_size(in, out, block);
-  at::parallel_for(0, out, std::max<int64_t>(1, kTermsPerThread / 16 / (blocks * block)), [&](int64_t begin, int64_t end) {
+  // NOTE: the sizes are locals of the loop and a block's vectors its unrolled inner loop: read
+  // through the lambda's captures (the stores may alias them) with an index divided by the block,
+  // a vector's expm1 and division ran one after the other, the tables 0.2 of the message at B=50,
+  // in = out = 200 (benchmarks/RESULTS.md).
+  at::parallel_for(0, out, std::max<int64_t>(1, kTermsPerThread / 16 / (blocks * block)),
+                   [wp, tp, w, with_c, in, out, blocks, c_rows](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      for (int64_t i = 0; i < blocks * block; i += L) {
-        T* dst = tp + ((i / block) * out + j) * kRecord * block + i % block;
-        // lanes past the last parent load 0: every row is 0 there
-        const Vec c = Vec::loadu(wp + j * in + i, std::clamp<int64_t>(in - i, 0, L)) * Vec(w);
-        const Expm1Pair<T> e = expm1_pair(c);
-        e.plus.store(dst);
-        (e.plus ^ e.minus).store(dst + block);
-        if constexpr (kRecord == 3) e.minus.store(dst + 2 * block);
-        if (with_c) {
-          c.store(dst + c_rows);
-          (c ^ c.neg()).store(dst + c_rows + block);
-          if constexpr (kRecord == 3) c.neg().store(dst + c_rows + 2 * block);
+      for (int64_t b = 0; b < blocks; ++b) {
+        T* const dst = tp + (b * out + j) * kRecord * block;
+        const int64_t i0 = b * block;
+        for (int k = 0; k < kVecs; ++k) {
+          T* const at = dst + k * L;
+          // lanes past the last parent load 0: every row is 0 there
+          const Vec c = Vec::loadu(wp + j * in + i0 + k * L, std::clamp<int64_t>(in - i0 - k * L, 0, L)) * Vec(w);
+          const Expm1Pair<T> e = expm1_pair(c);
+          e.plus.store(at);
+          (e.plus ^ e.minus).store(at + block);
+          if constexpr (kRecord == 3) e.minus.store(at + 2 * block);
+          if (with_c) {
+            c.store(at + c_rows);
+            (c ^ c.neg()).store(at + c_rows + block);
+            if constexpr (kRecord == 3) c.neg().store(at + c_rows + 2 * block);
+          }
         }
       }
     }
@@ -860,7 +870,7 @@ at::Tensor bernoulli_log_ratio(const at::Tensor& x_in, const at::Tensor& weight_
       return std::any_of(plan.begin(), plan.end(), [](const Chunk& c) { return c.wide; });
     });
     const int64_t block = kVecs * L;
-    const auto tables = message_tables<T>(weight, T(w), block, /*with_c=*/any_wide);
+    const auto tables = message_tables<T>(weight, T(w), /*with_c=*/any_wide);
     at::Tensor log_u, log_v;
     if (any_wide) {  // per_pair: every scored outcome has s*l = |l|
       log_u = at::empty_like(logits);
@@ -1199,7 +1209,7 @@ at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, co
     constexpr int L = Vec::size();
     const auto chunks = plan_chunks(child_bounds<T>(weight, w));
     const int64_t block = kVecs * L;
-    const auto tables = message_tables<T>(weight, T(w), block, /*with_c=*/true);
+    const auto tables = message_tables<T>(weight, T(w), /*with_c=*/true);
     // per (example, child), with t = exp(-|l|): u = t / (1 + t), kappa = -|l| / (1 + t), and
     // H(l) by the wide terms' formula, so that a zero weight gives a zero term
     auto h = at::empty_like(logits);
