@@ -437,10 +437,10 @@ at::Tensor message_tables(const at::Tensor& weight, T w, bool with_c) {
   const T* const wp = weight.data_ptr<T>();
   T* const tp = tables.data_ptr<T>();
   const int64_t c_rows = table_size(in, out, block);
-  // NOTE: the sizes are locals of the loop and a block's vectors its unrolled inner loop: read
-  // through the lambda's captures (the stores may alias them) with an index divided by the block,
-  // a vector's expm1 and division ran one after the other, the tables 0.2 of the message at B=50,
-  // in = out = 200 (benchmarks/RESULTS.md).
+  // NOTE: the loop takes its sizes by value and walks a block's vectors in a fixed-count inner
+  // loop, so that no size is re-read after a store (the stores may alias a capture by reference)
+  // and no index is divided by the block: otherwise each vector's expm1 waits on the one before
+  // (0.93x the message at B = 2, 200 x 200, AVX2; benchmarks/RESULTS.md).
   at::parallel_for(0, out, std::max<int64_t>(1, kTermsPerThread / 16 / (blocks * block)),
                    [wp, tp, w, with_c, in, out, blocks, c_rows](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
