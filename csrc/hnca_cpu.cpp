@@ -83,6 +83,9 @@ constexpr int64_t kMaxChunk = HNCA_MAX_CHUNK;
 // A chunk's product may grow to e^kGrowthRange (float32 overflows past e^88; see log1p_inline).
 constexpr double kGrowthRange = 64.0;
 static_assert(kRowsPerTask % kRows == 0, "a task's pairs of rows must be the pairs that share a plan of chunks");
+// The values of one of a task's sums: [row][vector][lane] (message_task).
+template <typename T>
+constexpr int64_t task_values = kRowsPerTask * kVecs * Vectorized<T>::size();
 
 // Work below this many counterfactual terms (~0.4 ms on one core) runs on the calling thread.
 // NOTE: on the shared 2-core machine a parallel region waits whenever the other core is busy;
@@ -549,6 +552,7 @@ void store_by_pairs(T* by_pairs, int64_t b, int64_t out, F value) {
 template <typename T>
 struct BernoulliArgs {
   static constexpr int kLogSign = -1;  // the change is minus the log of the factors' product
+  static constexpr int kParts = 1;     // message_task's sums: the change
   const T* x;          // [B, in]
   const T* tables;     // [2, blocks, out, kRecord, block] (message_tables)
   int64_t c_rows;      // offset of the c rows: table_size(in, out, block)
@@ -722,7 +726,9 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
   const auto row = [](int64_t r) { return r * kVecs * L; };  // row r's place in change and hi_masks
-  T change[kRowsPerTask * kVecs * L] = {};  // [row][vector][lane]: the summed change at each flip
+  // [part][row][vector][lane]: the summed change at each flip (and, for the entropy, the summed
+  // log D at task_values: see its message_chunk)
+  T change[Args<T>::kParts * task_values<T>] = {};
   // [row][vector][lane]: the product of the factors so far as q = product - 1, less the logs that
   // chunk_log took out into `change` (its log1p is the rest of the change, taken at the end)
   T product[kRowsPerTask * kVecs * L] = {};
@@ -790,6 +796,12 @@ void message_task(const Args<T>& p, int64_t b0, int64_t rows, int64_t i0) {
         const Vec rest = log1p_inline(Vec::loadu(product + row(r) + k * L));
         const Vec sum = Vec::loadu(change + row(r) + k * L) + Vec(T(Args<T>::kLogSign)) * rest;
         Vec::blendv(sum, sum.neg(), is_hi).store(p.d + (b0 + r) * p.in + i0 + k * L, count);
+        if constexpr (Args<T>::kParts == 2) {
+          if (p.log_ratio != nullptr) {  // minus the log of the product of the D
+            const Vec logs = Vec::loadu(change + task_values<T> + row(r) + k * L) + rest;
+            Vec::blendv(logs.neg(), logs, is_hi).store(p.log_ratio + (b0 + r) * p.in + i0 + k * L, count);
+          }
+        }
       }
     }
   }
@@ -1119,6 +1131,7 @@ Vectorized<T> entropy(const Vectorized<T>& z) {
 template <typename T>
 struct EntropyArgs {
   static constexpr int kLogSign = 1;  // the change is the log of the product of the D plus the rest
+  static constexpr int kParts = 2;    // message_task's sums: the change, and the sum of the log D
   const T* x;          // [B, in]
   const T* tables;     // [2, blocks, out, kRecord, block] (message_tables)
   int64_t c_rows;      // offset of the c rows: table_size(in, out, block)
@@ -1129,6 +1142,8 @@ struct EntropyArgs {
   int64_t examples_per_plan, in, out;
   T hi;
   T* d;                // [B, in]
+  T* log_ratio;        // [B, in] or null: the children's log-ratio less its linear part (entropy_messages;
+                       // only where no chunk is wide)
 };
 
 // Adds, for ROWS examples from b0 and NV vectors of parents from i0, each flip's change of the
@@ -1183,7 +1198,13 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
     }
     end_chunk(q, product);
     for (int r = 0; r < ROWS; ++r) {
-      for (int k = 0; k < NV; ++k) q[r][k] = q[r][k] - rational[r][k];
+      for (int k = 0; k < NV; ++k) {
+        if (p.log_ratio != nullptr) {  // the log D alone, for the log-ratio
+          T* logs = change + task_values<T> + (r * kVecs + k) * L;
+          (Vec::loadu(logs) + q[r][k]).store(logs);
+        }
+        q[r][k] = q[r][k] - rational[r][k];
+      }
     }
   }
   for (int r = 0; r < ROWS; ++r) {
@@ -1194,20 +1215,34 @@ void message_chunk(const EntropyArgs<T>& p, int64_t b0, int64_t i0, int64_t j0, 
   }
 }
 
-at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
-                         double lo, double hi, bool check) {
+// The entropy delta, and with children's outcomes y (else undefined) their log-ratio too. Scored
+// by its likelier outcome sign(l) (the entropy's s), child j's factor is D; where y has the other
+// outcome its factor is D / A (u + v*A = A*(v + u/A), as in bernoulli_log_ratio), so the log-ratio
+// is minus the sum of the log D plus the linear part w * (flip @ W), flip = s_y where they differ:
+// the entropy's products give the log-ratio for a matrix product. Where the weights' bounds cut
+// the chunks short (a wide child, or a trained model's weights), bernoulli_log_ratio's chunks by
+// each pair of examples' factors are far longer than these: there it runs on its own.
+std::tuple<at::Tensor, at::Tensor> entropy_messages(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                                    const at::Tensor& logits_in, const at::Tensor& y, double lo,
+                                                    double hi, bool check) {
   const MessageInputs m = prepare_message(x_in, weight_in, logits_in, lo, hi, check);
   const at::Tensor &x = m.x, &weight = m.weight, &logits = m.logits, &d = m.d;
   const int64_t batch = m.batch, in = m.in, out = m.out;
+  const bool with_ratio = y.defined();
+  if (with_ratio) check_children(y, logits_in);
+  at::Tensor ratio;  // the log-ratio, with y
   if (d.numel() == 0) {
-    return d;
+    return {d, with_ratio ? at::empty_like(d) : ratio};
   }
   const double w = hi - lo;
+  bool fused = false;
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "hnca_entropy_delta", [&] {
     using T = scalar_t;
     using Vec = Vectorized<T>;
     constexpr int L = Vec::size();
     const auto chunks = plan_chunks(child_bounds<T>(weight, w));
+    fused = with_ratio && !cut_short(chunks, out);
+    if (fused) ratio = new_output(d, d.scalar_type());
     const int64_t block = kVecs * L;
     const auto tables = message_tables<T>(weight, T(w), /*with_c=*/true);
     // per (example, child), with t = exp(-|l|): u = t / (1 + t), kappa = -|l| / (1 + t), and
@@ -1217,6 +1252,10 @@ at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, co
     auto by_pairs = at::empty({groups * pair_stride<T>(out, 3)}, logits.options());
     const T* lp = logits.data_ptr<T>();
     T *hp = h.data_ptr<T>(), *pp = by_pairs.data_ptr<T>();
+    const at::Tensor y_ = fused ? y.to(logits.scalar_type()).contiguous() : at::Tensor();
+    const at::Tensor flip = fused ? at::empty_like(logits) : at::Tensor();
+    const T* yp = fused ? y_.data_ptr<T>() : nullptr;
+    T* fp = fused ? flip.data_ptr<T>() : nullptr;
     const int64_t rows_per_task = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, out));
     at::parallel_for(0, batch, rows_per_task, [&](int64_t begin, int64_t end) {
       std::vector<T> u(out), kappa(out);
@@ -1225,6 +1264,11 @@ at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, co
         for (int64_t j = 0; j < out; j += L) {
           const int64_t count = std::min<int64_t>(L, out - j);
           const Vec l = Vec::loadu(lp + n + j, count);
+          if (fused) {  // s_y where y's outcome is not sign(l)'s (l = 0 counts as -1, as below)
+            const Vec zero(T(0)), one(T(1)), fired = Vec::loadu(yp + n + j, count) > zero;
+            const Vec s = Vec::blendv(one.neg(), one, fired);
+            Vec::blendv(zero, s, fired ^ (l > zero)).store(fp + n + j, count);
+          }
           const Vec t = l.abs().neg().exp();
           const Vec inv = (Vec(T(1)) + t).reciprocal();  // sigmoid(|l|)
           (t * inv).store(u.data() + j, count);
@@ -1237,13 +1281,30 @@ at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, co
       }
     });
     const EntropyArgs<T> p{x.data_ptr<T>(), tables.data_ptr<T>(), table_size(in, out, block), lp, hp, pp,
-                           &chunks, batch, in, out, T(hi), d.data_ptr<T>()};
+                           &chunks, batch, in, out, T(hi), d.data_ptr<T>(),
+                           fused ? ratio.data_ptr<T>() : nullptr};
     const int64_t terms = 3 * kRowsPerTask * block * out;  // a term costs about 3 Bernoulli terms
     for_each_tile(batch, in, block, kRowsPerTask, terms, [&](int64_t b0, int64_t rows, int64_t i0) {
       message_task(p, b0, rows, i0);
     });
+    if (fused) ratio.addmm_(flip, weight, 1, w);
   });
-  return d;
+  if (with_ratio && !fused) ratio = bernoulli_log_ratio(x_in, weight_in, logits_in, y, lo, hi, /*check=*/false);
+  return {d, ratio};
+}
+
+at::Tensor entropy_delta(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& logits_in,
+                         double lo, double hi, bool check) {
+  return std::get<0>(entropy_messages(x_in, weight_in, logits_in, at::Tensor(), lo, hi, check));
+}
+
+// The log-ratio of the children's outcomes y and the entropy delta in one pass (f-HNCA's two
+// messages from a sampled Bernoulli child layer), in about the entropy delta's time alone.
+std::tuple<at::Tensor, at::Tensor> log_ratio_and_entropy_delta(const at::Tensor& x, const at::Tensor& weight,
+                                                               const at::Tensor& logits, const at::Tensor& y,
+                                                               double lo, double hi, bool check) {
+  auto [entropy, ratio] = entropy_messages(x, weight, logits, y, lo, hi, check);
+  return {ratio, entropy};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1729,6 +1790,8 @@ HNCA_LIBRARY(HNCA_NAMESPACE, m) {
   m.def("categorical_log_ratio(Tensor x, Tensor weight, Tensor logits, Tensor a, float lo, float hi, "
         "bool check=True) -> Tensor");
   m.def("entropy_delta(Tensor x, Tensor weight, Tensor logits, float lo, float hi, bool check=True) -> Tensor");
+  m.def("log_ratio_and_entropy_delta(Tensor x, Tensor weight, Tensor logits, Tensor y, float lo, float hi, "
+        "bool check=True) -> (Tensor, Tensor)");
   m.def("logit_credit(Tensor logits, Tensor d) -> Tensor");
   m.def("categorical_parent_log_ratio(Tensor a, Tensor weight, Tensor logits, Tensor y) -> Tensor");
   // drawn from a generator: torch.compile must not reorder, merge or replay them
@@ -1743,6 +1806,7 @@ HNCA_LIBRARY_IMPL(HNCA_NAMESPACE, CPU, m) {
   m.impl("bernoulli_log_ratio", &hnca::bernoulli_log_ratio);
   m.impl("categorical_log_ratio", &hnca::categorical_log_ratio);
   m.impl("entropy_delta", &hnca::entropy_delta);
+  m.impl("log_ratio_and_entropy_delta", &hnca::log_ratio_and_entropy_delta);
   m.impl("logit_credit", &hnca::logit_credit);
   m.impl("categorical_parent_log_ratio", &hnca::categorical_parent_log_ratio);
   m.impl("bernoulli_sample", &hnca::bernoulli_sample);

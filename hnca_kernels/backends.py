@@ -9,7 +9,9 @@ Every backend module implements the same three functions with one numerical cont
 
 and ``unsupported_reason(device) -> str | None`` saying why it cannot run on a device.
 Further ops (``logit_credit``, ``categorical_entropy_delta``, ``categorical_parent_log_ratio``)
-are optional: a backend without one runs the reference's (``hnca_kernels.ops.contract``).
+are optional: a backend without one runs the reference's (``hnca_kernels.ops.contract``); and
+a backend without ``bernoulli_log_ratio_and_entropy_delta`` (both messages of a sampled Bernoulli
+child layer in one call) runs its two ops.
 Inputs reach a backend already checked by ``hnca_kernels.functional``.
 """
 

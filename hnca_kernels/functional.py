@@ -21,6 +21,7 @@ __all__ = [
     "counterfactual_log_ratio",
     "categorical_counterfactual_log_ratio",
     "counterfactual_entropy_delta",
+    "counterfactual_log_ratio_and_entropy_delta",
     "hnca_credit",
     "hnca_logit_credit",
     "bernoulli_entropy",
@@ -91,12 +92,16 @@ def counterfactual_log_ratio(x, weight, logits, y, *, parent_values=(0.0, 1.0), 
     >>> d = counterfactual_log_ratio(h, layer.weight, logits, y, parent_values=(-1.0, 1.0))
     """
     lo, hi = _check_parent_values(parent_values)
+    _check_bernoulli_children(x, weight, logits, y)
+    return _backend_for_parents(backend, x, lo, hi).bernoulli_log_ratio(x, weight, logits, y, lo, hi)
+
+
+def _check_bernoulli_children(x, weight, logits, y):
     _check_linear_inputs(x, weight, logits)
     if not isinstance(y, torch.Tensor) or y.shape != logits.shape:
         raise ValueError(f"y must be a tensor of shape {tuple(logits.shape)}, got {getattr(y, 'shape', type(y))}")
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}")
-    return _backend_for_parents(backend, x, lo, hi).bernoulli_log_ratio(x, weight, logits, y, lo, hi)
 
 
 def _check_softmax_child(x, weight, logits, a=None):
@@ -171,6 +176,22 @@ def counterfactual_entropy_delta(x, weight, logits, *, parent_values=(0.0, 1.0),
     lo, hi = _check_parent_values(parent_values)
     _check_linear_inputs(x, weight, logits)
     return _backend_for_parents(backend, x, lo, hi).entropy_delta(x, weight, logits, lo, hi)
+
+
+def counterfactual_log_ratio_and_entropy_delta(x, weight, logits, y, *, parent_values=(0.0, 1.0), backend=None):
+    """Both messages of a sampled Bernoulli child layer: ``(counterfactual_log_ratio(x, weight,
+    logits, y), counterfactual_entropy_delta(x, weight, logits))`` with the same arguments.
+
+    f-HNCA needs both from every sampled child; a backend with one kernel for the pair (cpp)
+    computes them in about the entropy delta's time, the others run the two ops.
+    """
+    lo, hi = _check_parent_values(parent_values)
+    _check_bernoulli_children(x, weight, logits, y)
+    impl = _backend_for_parents(backend, x, lo, hi)
+    both = getattr(impl, "bernoulli_log_ratio_and_entropy_delta", None)
+    if both is not None:
+        return both(x, weight, logits, y, lo, hi)
+    return impl.bernoulli_log_ratio(x, weight, logits, y, lo, hi), impl.entropy_delta(x, weight, logits, lo, hi)
 
 
 def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:

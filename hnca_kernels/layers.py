@@ -149,6 +149,12 @@ class _StochasticLinear(nn.Module):
         # Under autocast the logits can be in a lower precision than the weight.
         return self.weight.detach().to(logits.dtype)
 
+    def parent_message_and_entropy_delta(self, sample, weight, logits, target, child_classes=None, backend=None):
+        """``(parent_message(...), parent_entropy_delta(...))`` of one sampled child: f-HNCA asks
+        for both."""
+        return (self.parent_message(sample, weight, logits, target, backend),
+                self.parent_entropy_delta(sample, weight, logits, child_classes, backend))
+
 
 class BernoulliLinear(_StochasticLinear):
     """A layer of Bernoulli units firing with probability sigmoid(x @ weight.T + bias).
@@ -320,6 +326,13 @@ class BernoulliLinear(_StochasticLinear):
             return functional.counterfactual_entropy_delta(x, weight, logits, parent_values=self.values,
                                                            backend=backend)
         return functional.categorical_entropy_delta(x, weight, logits, parent_values=self.values, backend=backend)
+
+    def parent_message_and_entropy_delta(self, sample, weight, logits, target, child_classes=None, backend=None):
+        if child_classes is not None:
+            return super().parent_message_and_entropy_delta(sample, weight, logits, target, child_classes, backend)
+        # Bernoulli children: one call, which a backend may fuse (the entropy's products give the log-ratio)
+        return functional.counterfactual_log_ratio_and_entropy_delta(sample.to(logits.dtype), weight, logits, target,
+                                                                     parent_values=self.values, backend=backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

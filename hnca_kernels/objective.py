@@ -194,17 +194,23 @@ def _reinforce_signal(graph, c, values, total, baseline, upstream):
 def _hnca_signal(rec, graph, c, components, values, total, baseline, backend, rho_direct, upstream,
                  direct_in_baseline):
     """f-HNCA's learning signal on c's logits, and the sum its baseline tracks (None: no baseline)."""
-    from .record import _entropy_message, _message, _parents_of
+    from .record import _message, _message_and_entropy, _parents_of
 
     layer, logits = c.layer, c.logits.detach()
     descendants = graph.descendants[c.index]
     children = [k for k in c.children if not k.observed]
+    groups = _direct_groups(rec, graph, c)
+    # a sampled child's entropy (a direct component, below) comes with its log-ratio in one call
+    entropic = {g.call.index for g in groups if not g.own and not g.call.observed}
+    entropy = {}
     rho = None  # the sampled children's log-ratio
     for k in children:
-        m = _message(c, k, _parents_of(k)[c], backend)
+        if k.index in entropic:
+            m, entropy[k.index] = _message_and_entropy(c, k, _parents_of(k)[c], backend)
+        else:
+            m = _message(c, k, _parents_of(k)[c], backend)
         rho = m if rho is None else rho + m
     # S: the components through the children, at the draws (upstream ablation: all but the green)
-    groups = _direct_groups(rec, graph, c)
     through = torch.zeros_like(total)
     for k in rec.calls:
         if graph.depends[k.index] & descendants:
@@ -216,8 +222,8 @@ def _hnca_signal(rec, graph, c, components, values, total, baseline, backend, rh
             change, at_draw = k.layer.own_values(k.logits.detach()), components[k.index].detach()
         elif k.observed:
             change, at_draw = _message(c, k, _parents_of(k)[c], backend), values[k.index]
-        else:  # a sampled child's entropy
-            change, at_draw = _entropy_message(c, k, _parents_of(k)[c], backend), values[k.index]
+        else:  # a sampled child's entropy, computed with its log-ratio above
+            change, at_draw = entropy[k.index], values[k.index]
         (orange if g.through else green).append((change, at_draw, g))
     if rho is None:
         # no sampled children: rho = 1, nothing is through them, every direct component is green

@@ -681,12 +681,13 @@ def _message(parent: StochasticCall, child: StochasticCall, columns, backend, ta
     return parent.layer.parent_message(parent.sample, w, l, y, backend)
 
 
-def _entropy_message(parent: StochasticCall, child: StochasticCall, columns, backend) -> torch.Tensor:
-    """The change of a sampled child's entropy when the parent's units switch (f-HNCA's green term)."""
+def _message_and_entropy(parent: StochasticCall, child: StochasticCall, columns, backend):
+    """A sampled child's log-ratio at its sample (``_message``) and the change of its entropy when the
+    parent's units switch (f-HNCA's green term), in one call to the layer (a backend may fuse them)."""
     logits = child.logits.detach()
-    w, l, _, classes = child.layer.child_view(_columns_of(parent, child, columns, logits.dtype), logits,
+    w, l, y, classes = child.layer.child_view(_columns_of(parent, child, columns, logits.dtype), logits,
                                              child.sample)
-    return parent.layer.parent_entropy_delta(parent.sample, w, l, classes, backend)
+    return parent.layer.parent_message_and_entropy_delta(parent.sample, w, l, y, classes, backend)
 
 
 def record(*, strict: bool = False, replay: Sequence[torch.Tensor] | None = None, relax: str | None = None,

@@ -198,6 +198,9 @@ def _register_fake() -> None:
         _require(not y.is_complex(), TypeError, "y must be a real tensor")
         return output(x)
 
+    def bernoulli_and_entropy(x, weight, logits, y, lo, hi, check=True):
+        return bernoulli(x, weight, logits, y, lo, hi), output(x)
+
     def categorical(x, weight, logits, a, lo, hi, check=True):
         _require(logits.dim() in (2, 3), ValueError, "logits must be [B, K] or [B, V, K]")
         _require(a.dim() == logits.dim() - 1 and (logits.dim() == 2 or a.shape[-1] == logits.shape[1]),
@@ -250,7 +253,8 @@ def _register_fake() -> None:
         return logits.new_empty(logits.shape[:-1], dtype=torch.int64)
 
     for op, fake in (("bernoulli_log_ratio", bernoulli), ("categorical_log_ratio", categorical),
-                     ("entropy_delta", entropy), ("logit_credit", credit),
+                     ("entropy_delta", entropy), ("log_ratio_and_entropy_delta", bernoulli_and_entropy),
+                     ("logit_credit", credit),
                      ("categorical_parent_log_ratio", categorical_parents),
                      ("bernoulli_sample", bernoulli_sample), ("categorical_sample", categorical_sample)):
         torch.library.register_fake(f"hnca::{op}", fake)

@@ -30,6 +30,7 @@ OPS = (
     "counterfactual_log_ratio",
     "categorical_counterfactual_log_ratio",
     "counterfactual_entropy_delta",
+    "counterfactual_log_ratio_and_entropy_delta",
     "categorical_entropy_delta",
     "categorical_parent_log_ratio",
     "categorical_parent_entropy_delta",

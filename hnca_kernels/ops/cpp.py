@@ -46,6 +46,12 @@ def entropy_delta(x, weight, logits, lo, hi):
     return torch.ops.hnca.entropy_delta(x, weight, logits, lo, hi, _check(x))
 
 
+def bernoulli_log_ratio_and_entropy_delta(x, weight, logits, y, lo, hi):
+    """Both messages of a sampled Bernoulli child layer in one pass (the optional backend hook):
+    about the entropy delta's time, the log-ratio's products being the entropy's."""
+    return torch.ops.hnca.log_ratio_and_entropy_delta(x, weight, logits, y, lo, hi, _check(x))
+
+
 def logit_credit(logits, d):
     """``functional.hnca_logit_credit`` in one fused pass (the optional backend hook)."""
     return torch.ops.hnca.logit_credit(logits, d)

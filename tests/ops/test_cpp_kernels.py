@@ -357,6 +357,47 @@ def test_empty_shapes(backend, device):
         assert Fn.counterfactual_entropy_delta(x, weight, logits, backend=backend).shape == (B, n_in)
 
 
+    for B, n_in, n_out in [(0, 5, 3), (4, 0, 3), (4, 5, 0)]:
+        x, weight, logits = torch.zeros(B, n_in), torch.zeros(n_out, n_in), torch.zeros(B, n_out)
+        ratio, entropy = Fn.counterfactual_log_ratio_and_entropy_delta(x, weight, logits, logits, backend="cpp")
+        assert ratio.shape == entropy.shape == (B, n_in) and (ratio == 0).all() and (entropy == 0).all()
+
+
+# children for the fused messages (the log-ratio from the entropy's products): Glorot weights with
+# every kind of child (uncertain, saturated either way, confidently wrong: the linear part large),
+# and weights past the chunk bounds (there the log-ratio is bernoulli_log_ratio's own)
+FUSED = {"glorot": (0.1, False), "saturated": (0.02, False), "wide": (3.0, True)}
+
+
+@pytest.mark.skipif(not backends.is_available("cpp", "cpu"), reason="the cpp backend is not available")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("coding", sorted(CODINGS))
+@pytest.mark.parametrize("regime", sorted(FUSED))
+def test_log_ratio_and_entropy_delta_in_one_pass(regime, coding, dtype):
+    scale, cut_short = FUSED[regime]
+    lo, hi = CODINGS[coding]
+    g = torch.Generator().manual_seed(5)
+    B, n_in, n_out = 11, 70, 200
+    x = torch.where(torch.rand(B, n_in, generator=g) < 0.5, lo, hi).double()
+    weight = (torch.rand(n_out, n_in, generator=g).double() * 2 - 1) * scale
+    saturated = 60 if regime != "saturated" else n_out
+    logits = (torch.rand(B, n_out, generator=g).double() * 2 - 1) * 3.0
+    logits[:, :saturated] = 45.0 * torch.where(torch.rand(B, saturated, generator=g) < 0.5, 1.0, -1.0).double()
+    logits[:, 7] = 0.0  # sign(0) is the entropy's -1: a fired child there has the other outcome
+    y = torch.where(torch.rand(B, n_out, generator=g).double() < torch.sigmoid(logits), hi, lo)
+    y[:3, 40:60] = torch.where(logits[:3, 40:60] > 0, lo, hi)  # confidently wrong
+    args = [t.to(dtype) for t in (x, weight, logits, y)]
+    ratio, entropy = Fn.counterfactual_log_ratio_and_entropy_delta(*args, parent_values=(lo, hi), backend="cpp")
+    # the entropy is the entropy delta's own; the log-ratio meets bernoulli_log_ratio's accuracy
+    assert torch.equal(entropy, Fn.counterfactual_entropy_delta(*args[:3], parent_values=(lo, hi), backend="cpp"))
+    alone = Fn.counterfactual_log_ratio(*args, parent_values=(lo, hi), backend="cpp")
+    assert torch.equal(ratio, alone) == cut_short or dtype == torch.float64
+    ref = reference.bernoulli_log_ratio(x, weight, logits, y, lo, hi)
+    assert rel_err(ref, ratio) < TOL[dtype]
+    if regime == "saturated":  # examples without a wrong child: tiny terms, each message to their rounding
+        quiet = ((ref - ratio.double()).abs() / ref.abs().clamp_min(1e-300))[3:].max().item()
+        assert quiet < {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
+
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_bad_parents_and_classes_raise_value_error(backend):

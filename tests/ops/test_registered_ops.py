@@ -16,6 +16,7 @@ def test_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.hnca.bernoulli_log_ratio, (x_, w_, l_, y_, *pv))
         torch.library.opcheck(torch.ops.hnca.categorical_log_ratio, (x_, w_, l_, a, *pv))
         torch.library.opcheck(torch.ops.hnca.entropy_delta, (x_, w_, l_, *pv))
+        torch.library.opcheck(torch.ops.hnca.log_ratio_and_entropy_delta, (x_, w_, l_, y_, *pv))
         torch.library.opcheck(torch.ops.hnca.logit_credit, (l_, x_ @ w_.t()))
         # the samplers draw anew at every call: the checks that compare two calls' outputs do not apply
         for op, args in ((torch.ops.hnca.bernoulli_sample, (l_, -1.0, 1.0, dtype)),
@@ -35,6 +36,10 @@ def _bad_calls():
             torch.zeros(64, 512), torch.randn(8, 512), torch.randn(64, 8), torch.ones(1, 1), 0.0, 1.0)),
         "y on the meta device": (ValueError, lambda: ops.bernoulli_log_ratio(x, w, l, y.to("meta"), 0.0, 1.0)),
         "complex y": (TypeError, lambda: ops.bernoulli_log_ratio(x, w, l, y.to(torch.complex64), 0.0, 1.0)),
+        "both messages' y with fewer rows": (ValueError, lambda: ops.log_ratio_and_entropy_delta(x, w, l, y[:2], 0.0, 1.0)),
+        "both messages' complex y": (TypeError, lambda: ops.log_ratio_and_entropy_delta(
+            x, w, l, y.to(torch.complex64), 0.0, 1.0)),
+        "both messages' x not binary": (ValueError, lambda: ops.log_ratio_and_entropy_delta(x + 0.5, w, l, y, 0.0, 1.0)),
         "weight of the wrong width": (ValueError, lambda: ops.entropy_delta(x, w[:, :3], l, 0.0, 1.0)),
         "3-D x": (ValueError, lambda: ops.entropy_delta(x[None], w, l, 0.0, 1.0)),
         "integer x": (TypeError, lambda: ops.entropy_delta(x.long(), w, l, 0.0, 1.0)),
