@@ -162,6 +162,10 @@ def pytest_terminal_summary(terminalreporter):
             # a narrow term is two float32 multiply-adds: half the core's FMA lane rate bounds it
             share = f" ({2 * rate / peak:.0%} of FMA peak / 2)" if method == "cpp" and (peak := _fma_peak()) else ""
             lines.append(f"| message throughput {method} ({shape}) | {rate:.2f} G terms/s{share} |")
+    both = ("vae-L2", "sampled child's messages")
+    r = _ratio((*both, "one call"), (*both, "two ops"))
+    if r:
+        lines.append(f"| a sampled Bernoulli child layer's two messages, one call / two ops (B=50, 200x200) | {r} |")
     if _fma_peak():
         lines.append(f"| FMA peak of one CPU core (float32, {torch.backends.cpu.get_cpu_capability()}) | "
                      f"{_fma_peak():.1f} G lanes/s |")

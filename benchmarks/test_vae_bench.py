@@ -87,3 +87,27 @@ def test_vae_step(timed, estimator, layers):
         vae.elbo_loss(x, estimator).backward()
 
     timed(f"vae-L{layers}", "step", estimator, step, rounds=20)
+
+
+@pytest.mark.parametrize("how", ["one call", "two ops"])
+def test_sampled_child_messages(timed, how):
+    """The two messages f-HNCA takes from a sampled Bernoulli child layer (the 2-layer VAE's second
+    encoder layer, 200 -> 200 at batch 50, at its initial weights): the log-ratio of its samples and
+    the change of its entropy, in one call (``counterfactual_log_ratio_and_entropy_delta``) or as the
+    two ops."""
+    from hnca_kernels import functional as Fn
+
+    vae, x = vae_and_batch(2)
+    encoder = vae.encoder[1]
+    h = (torch.rand(50, 200, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    logits = encoder.logits(h).detach()
+    y = encoder.sample(logits)
+    weight = encoder.weight.detach()
+    if how == "one call":
+        def fn():
+            Fn.counterfactual_log_ratio_and_entropy_delta(h, weight, logits, y)
+    else:
+        def fn():
+            Fn.counterfactual_log_ratio(h, weight, logits, y)
+            Fn.counterfactual_entropy_delta(h, weight, logits)
+    timed("vae-L2", "sampled child's messages", how, fn)

@@ -23,11 +23,11 @@
 // log v + log A), exact for any weight.
 //
 // Layout: the tables are stored block by block, [block of parents][child][record][parent] with a
-// record of rows +, xor (and - with AVX-512), so a block's rows are contiguous (rows of a
-// power-of-two stride fell into a few cache sets: about 2x slower at in = 1024). A task is one
-// block of parents x 32 examples; it walks tiles of at most kMaxChunk children (16 KiB of tables
-// with AVX2, 24 KiB with AVX-512, held in L1), and for each tile every pair of examples runs the
-// loop over the tile's children with its 2 x 4 accumulators in registers.
+// record of rows +, xor and -, so a block's rows are contiguous (rows of a power-of-two stride
+// fell into a few cache sets: about 2x slower at in = 1024). A task is one block of parents x 32
+// examples; it walks tiles of at most kMaxChunk children (24 KiB of tables, held in L1), and for
+// each tile every pair of examples runs the loop over the tile's children with its 2 x 4
+// accumulators in registers.
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -68,8 +68,8 @@ constexpr int kRows = HNCA_ROWS;
 constexpr int kVecs = HNCA_VECS;
 // Bernoulli: examples per task sharing each chunk's tables in L1, and the longest chunk: 32
 // children with AVX-512 (3 rows x 4 vectors each, 24 KiB in float32; 64, 48 KiB, measured slower),
-// 64 with AVX2 (2 rows x 4 vectors, 16 KiB of a 32 KiB L1), where the chunks' ends (then a log1p
-// per example and parent) took a fifth of the message at 32 (benchmarks/RESULTS.md).
+// 64 with AVX2 (3 rows x 4 vectors of 8, 24 KiB of a 32 KiB L1; 32 measured 1.01x slower), where
+// the chunks' ends weigh more at 32 (benchmarks/RESULTS.md).
 // HNCA_MAX_CHUNK overrides it for a build.
 constexpr int64_t kRowsPerTask = 32;
 #ifndef HNCA_MAX_CHUNK
@@ -409,23 +409,20 @@ void expm1_both(const T* c, int64_t n, T* plus, T* minus) {
 }
 
 // The tables [2, blocks, out, kRecord, block]: for each child and block of parents, expm1(+c), the
-// bits of expm1(+c) xor those of expm1(-c), and (three rows) expm1(-c), then (a second table of the
-// same layout, table_size(...) further) +c, the bits of c xor -c, and (three rows) -c, with
+// bits of expm1(+c) xor those of expm1(-c), and expm1(-c), then (a second table of the same
+// layout, table_size(...) further) +c, the bits of c xor -c, and -c, with
 // c = w*W[j, i]; 0 past the last parent (a factor of 1, a term of 0). A narrow chunk reads the
 // expm1 rows, a wide child and the entropy's rational term the c rows; without `with_c` (a
 // Bernoulli message without wide children) the second table is left out. The xor row picks a
 // lane's row by bitwise operations (see pick), which any vector port runs: a blend shares the
 // FMA ports with the message's two multiply-adds.
-// With AVX2 a record is two rows (+, xor: a tile of 64 children is 16 KiB, within a 32 KiB L1
-// beside the rest of a task's data) and a lane's row costs three bitwise operations; with
-// AVX-512 (measured on AMD Zen 5, 48 KiB of L1) it is three rows (+, xor, -) and two operations.
+// NOTE: a record of two rows (+ and xor, the + row's bits picked per lane by three bitwise
+// operations, `plus ^ (xor & (is_hi ^ positive))`) keeps an AVX2 tile of 64 children in 16 KiB,
+// but the third operation shares the vector ports with the loop's multiply-adds: three rows
+// measured 0.97-0.98x its time with AVX2 on AMD Zen 4 (benchmarks/RESULTS.md).
 // NOTE: with the c rows beside the expm1 rows (a 1 KiB record per child) the Bernoulli message
 // at B=256, in = out = 1024 measured 8% slower (1 thread, interleaved with this layout).
-#if defined(CPU_CAPABILITY_AVX2)
-constexpr int64_t kRecord = 2;  // blocks of a child's record: +, xor
-#else
 constexpr int64_t kRecord = 3;  // blocks of a child's record: +, xor, -
-#endif
 inline int64_t table_size(int64_t in, int64_t out, int64_t block) {
   return (in + block - 1) / block * out * kRecord * block;
 }
@@ -457,11 +454,11 @@ at::Tensor message_tables(const at::Tensor& weight, T w, bool with_c) {
           const Expm1Pair<T> e = expm1_pair(c);
           e.plus.store(at);
           (e.plus ^ e.minus).store(at + block);
-          if constexpr (kRecord == 3) e.minus.store(at + 2 * block);
+          e.minus.store(at + 2 * block);
           if (with_c) {
             c.store(at + c_rows);
             (c ^ c.neg()).store(at + c_rows + block);
-            if constexpr (kRecord == 3) c.neg().store(at + c_rows + 2 * block);
+            c.neg().store(at + c_rows + 2 * block);
           }
         }
       }
@@ -483,28 +480,9 @@ T mask_of(bool b) {
 // Child j's expm1 rows in one block of the tables for a term of sign s (s = +1 where the
 // Bernoulli child fired, or where the entropy's child logit is positive): A - 1 = expm1(c~) with
 // c~ = -s*Delta*W[j, i], Delta = +w from lo and -w from hi; c~ itself is table_size(...)
-// further; `positive` is mask_of(s = +1). A lane reads the + row where s*Delta < 0 and the - row
-// elsewhere, the latter as the + row's bits xor the xor row's (arithmetic, not a branch: s is
-// random).
-#if defined(CPU_CAPABILITY_AVX2)
-template <typename T>
-struct ChildRows {
-  const T* plus;
-  const T* flip;
-  Vectorized<T> positive;  // all bits set where s = +1 (mask_of)
-
-  // the row's vector at `offset` for parents at hi where `is_hi`, at lo elsewhere
-  Vectorized<T> pick(int64_t offset, const Vectorized<T>& is_hi) const {
-    return Vectorized<T>::loadu(plus + offset) ^ (Vectorized<T>::loadu(flip + offset) & (is_hi ^ positive));
-  }
-};
-
-template <typename T>
-ChildRows<T> child_rows(const T* block_tables, int64_t j, T positive, int64_t block) {
-  const T* row = block_tables + j * kRecord * block;
-  return {row, row + block, Vectorized<T>(positive)};
-}
-#else
+// further; `positive` is mask_of(s = +1). The sign picks the row of parents at lo by its address
+// (the - row where s = +1, else the + row: arithmetic, not a branch, as s is random), and a lane
+// at hi reads the other row as that row's bits xor the xor row's: two bitwise operations a lane.
 template <typename T>
 struct ChildRows {
   const T* at_lo;
@@ -521,7 +499,6 @@ ChildRows<T> child_rows(const T* block_tables, int64_t j, T positive, int64_t bl
   const T* row = block_tables + j * kRecord * block;
   return {row + (c10::bit_cast<Bits<T>>(positive) & (2 * block)), row + block};
 }
-#endif
 
 // The per-(example, child) values of a message's loop (Bernoulli: v and the outcome as a mask;
 // entropy: u, kappa and the sign as a mask), stored by pairs of rows: value n of row b for child
